@@ -1,0 +1,680 @@
+"""
+muon_optim.py -- Muon (MomentUm Orthogonalized by Newton-Schulz) in one file.
+
+Copy this file into your project; it needs only torch (Triton optional, for the CUDA fast path).
+
+    from muon_optim import Muon, muon_param_groups
+    opt = Muon(muon_param_groups(model, lr=0.02, adam_lr=3e-3))   # hidden matrices -> Muon, rest -> AdamW
+    loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+
+Muon keeps an SGD-momentum buffer per weight matrix and replaces the update by the nearest
+semi-orthogonal matrix (the polar factor U V^T of U S V^T), computed approximately with a few
+matmul-only iterations. That equalises the update's singular values, so rare-but-important
+directions learn as fast as dominant ones. It is for >= 2D hidden weights only: embeddings, the
+output head, gains and biases go to the auxiliary AdamW groups (`use_muon=False`).
+
+Contents
+  orthogonalization  zeropower_via_newtonschulz5, polar_express, polar_express_coefficients,
+                     gram_newton_schulz, orthogonalize (dispatch)
+  update math        muon_update, normuon_normalize, adam_update, apply_update, sphere_retract
+  optimizer          Muon (+ KellerJordan-compatible SingleDeviceMuon, MuonWithAuxAdam, ...)
+  helpers            muon_param_groups
+  self-check         python muon_optim.py
+"""
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+try:  # optional: symmetric-matmul kernels for CUDA (see triton_* below); tests run them under TRITON_INTERPRET=1
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs
+    triton = None
+
+# -----------------------------------------------------------------------------
+# Orthogonalization: pure functions on (..., m, n) tensors
+
+NS5_COEFFS = (3.4445, -4.7750, 2.0315)  # KellerJordan's quintic: max slope at 0, converges to ~[0.7, 1.2]
+
+# Amsel et al. 2025 (arXiv 2505.16932), the 5-step list used by modded-nanogpt and dion.
+# polar_express_coefficients(5) regenerates it (tested to 1e-6).
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def default_ns_dtype(device):
+    """bf16 on CUDA (tensor cores, and the iteration is robust to it); fp32 everywhere else,
+    because bf16 matmul on CPU is 10-100x slower than fp32 (8.2 s vs 85 ms for NS5 at 768x768)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _normalized(G, dtype, scale, eps):
+    """Cast to the compute dtype and divide by the Frobenius norm (times `scale`), so that every
+    singular value is <= 1/scale. Dividing by the max-abs entry first keeps the squared norm inside
+    the float range for inputs like 1e30 or 1e-30 (the sum of squares would overflow/underflow)."""
+    X = G.to(torch.float32) if G.dtype not in (torch.float32, torch.float64) else G
+    X = X / X.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * scale + eps)
+    return X.to(dtype)
+
+
+def _odd_polynomial_iteration(G, coeffs, dtype, norm_scale, eps):
+    """X <- a X + (b A + c A^2) X with A = X X^T, one (a, b, c) per step. Works on the wide
+    orientation (m <= n) so that A is the small m x m Gram matrix."""
+    if G.ndim < 2:
+        raise ValueError(f"orthogonalization needs a (..., m, n) tensor, got shape {tuple(G.shape)}")
+    dtype = dtype or default_ns_dtype(G.device)
+    transposed = G.size(-2) > G.size(-1)
+    X = _normalized(G.mT if transposed else G, dtype, norm_scale, eps)
+    batch_shape = X.shape[:-2]
+    X = X.reshape(-1, X.size(-2), X.size(-1))  # baddbmm wants exactly one batch dim
+    for a, b, c in coeffs:
+        A = sym_matmul_t(X)  # X @ X^T, symmetric
+        B = sym_poly(A, b, c)  # b*A + c*A@A
+        X = torch.baddbmm(X, B, X, beta=a)
+    X = X.reshape(*batch_shape, X.size(-2), X.size(-1))
+    return X.mT if transposed else X
+
+
+def zeropower_via_newtonschulz5(G, steps=5, dtype=None, eps=1e-7):
+    """Approximate polar factor U V^T of G = U S V^T by the quintic Newton-Schulz iteration.
+
+    The coefficients (3.4445, -4.7750, 2.0315) maximise the slope at zero instead of converging:
+    the result is U S' V^T with S' roughly in [0.7, 1.2], which trains as well as the exact factor
+    and needs only 5 steps. Input: (..., m, n), tall or wide; returned in `dtype`
+    (default: bf16 on CUDA, fp32 elsewhere)."""
+    return _odd_polynomial_iteration(G, [NS5_COEFFS] * steps, dtype, 1.0, eps)
+
+
+def polar_express(G, steps=5, dtype=None):
+    """Polar Express (Amsel et al. 2025): a different minimax-optimal quintic per step, so
+    5 steps land much closer to U V^T than NS5 (singular values ~[0.95, 1.05] for well-conditioned
+    inputs). The 1.02 safety factor on the norm guards against bf16 round-off pushing a singular
+    value past the interval the polynomials were designed for. Steps beyond the published 5 reuse
+    the last (already converged) coefficients; use polar_express_coefficients(n) for an exact n-list."""
+    coeffs = list(POLAR_EXPRESS_COEFFS[:steps]) + [POLAR_EXPRESS_COEFFS[-1]] * max(0, steps - 5)
+    return _odd_polynomial_iteration(G, coeffs, dtype, 1.02, 1e-6)
+
+
+def _minimax_odd_quintic(lo, hi):
+    """Odd p(x) = a x + b x^3 + c x^5 minimising max |1 - p(x)| on [lo, hi], by Remez exchange:
+    the optimum equioscillates at lo, q, r, hi, where q, r are p's interior extrema."""
+    if lo / hi > 1 - 5e-6:  # interval too narrow for the exchange: the limit is the Taylor-like 15/8 rule
+        return 15 / 8 / hi, -10 / 8 / hi**3, 3 / 8 / hi**5
+    q, r = (3 * lo + hi) / 4, (lo + 3 * hi) / 4
+    err_prev = None
+    for _ in range(100):
+        M = torch.tensor([[x, x**3, x**5, s] for x, s in ((lo, 1.0), (q, -1.0), (r, 1.0), (hi, -1.0))],
+                         dtype=torch.float64)
+        a, b, c, err = torch.linalg.solve(M, torch.ones(4, dtype=torch.float64)).tolist()
+        disc = math.sqrt(9 * b * b - 20 * a * c)  # roots of p'(x) = a + 3b x^2 + 5c x^4
+        q, r = math.sqrt((-3 * b - disc) / (10 * c)), math.sqrt((-3 * b + disc) / (10 * c))
+        if err_prev is not None and abs(err - err_prev) < 1e-15:
+            break
+        err_prev = err
+    return a, b, c
+
+
+def polar_express_coefficients(steps, l=1e-3, cushion=0.02, safety=1.02):
+    """Regenerate Polar Express coefficients (Amsel et al. 2025, Appendix G).
+
+    Start with singular values in [l, u=1]. Each step takes the minimax odd quintic on
+    [max(l, cushion*u), u] (the cushion stops the first polynomials from being absurdly steep),
+    rescales it so that p(l) and p(u) are centred on 1, divides by the safety factor (a/s, b/s^3,
+    c/s^5, all but the last step) and maps the interval: l <- p(l), u <- 2 - l.
+    polar_express_coefficients(5) reproduces POLAR_EXPRESS_COEFFS."""
+    u, out = 1.0, []
+    for i in range(steps):
+        a, b, c = _minimax_odd_quintic(max(l, cushion * u), u)
+        p_l, p_u = (a * x + b * x**3 + c * x**5 for x in (l, u))
+        k = 2 / (p_l + p_u)
+        a, b, c = a * k, b * k, c * k
+        if i < steps - 1:
+            a, b, c = a / safety, b / safety**3, c / safety**5
+        l = a * l + b * l**3 + c * l**5
+        u = 2 - l
+        out.append((a, b, c))
+    return out
+
+
+def gram_newton_schulz(G, steps=5, dtype=None, coeffs=None, restart_after=2, eps=1e-7):
+    """The same polynomial iteration as zeropower_via_newtonschulz5, run on the small Gram matrix.
+
+    For wide X (m x n, m < n) every step is X <- P_k(R) X with R = X X^T, so after k steps
+    X_k = Q_k X_0 where Q_k is m x m: Q <- P(R) Q and R <- P(R) R P(R) (all m x m work) replace the
+    m x m x n products. X is only rebuilt (X = Q X_0, one m x m x n product) at `restart_after`
+    and at the end; rebuilding R from the new X then stops low-precision drift in R from
+    compounding. Pays off when n >> m; near-square inputs fall back to the plain iteration."""
+    coeffs = list(coeffs or [NS5_COEFFS] * steps)
+    m, n = sorted(G.shape[-2:])
+    if n < 2 * m:  # the Gram trick costs more than it saves here
+        return _odd_polynomial_iteration(G, coeffs, dtype, 1.0, eps)
+    dtype = dtype or default_ns_dtype(G.device)
+    transposed = G.size(-2) > G.size(-1)
+    X = _normalized(G.mT if transposed else G, dtype, 1.0, eps)
+    batch_shape = X.shape[:-2]
+    X = X.reshape(-1, X.size(-2), X.size(-1))
+    eye = torch.eye(m, dtype=dtype, device=G.device).expand(X.size(0), m, m)
+    for start in range(0, len(coeffs), restart_after):
+        R = sym_matmul_t(X)
+        Q = None
+        for a, b, c in coeffs[start:start + restart_after]:
+            P = torch.baddbmm(sym_poly(R, b, c), eye, eye, beta=1.0, alpha=a)  # a I + b R + c R^2
+            Q = P if Q is None else torch.bmm(P, Q)
+            R = torch.bmm(torch.bmm(P, R), P)  # P is a polynomial in R: they commute and stay symmetric
+        X = torch.bmm(Q, X)
+    X = X.reshape(*batch_shape, X.size(-2), X.size(-1))
+    return X.mT if transposed else X
+
+
+ORTHOGONALIZERS = {
+    "newton_schulz": zeropower_via_newtonschulz5,
+    "polar_express": polar_express,
+    "gram_newton_schulz": gram_newton_schulz,
+}
+
+
+def orthogonalize(G, method="newton_schulz", steps=5, dtype=None):
+    """Dispatch by name: 'newton_schulz' (NS5), 'polar_express' or 'gram_newton_schulz'."""
+    if method not in ORTHOGONALIZERS:
+        raise ValueError(f"unknown ns_method {method!r}; choose one of {sorted(ORTHOGONALIZERS)}")
+    return ORTHOGONALIZERS[method](G, steps=steps, dtype=dtype)
+
+
+# -----------------------------------------------------------------------------
+# Symmetric matmuls: torch by default, Triton kernels on CUDA when available.
+# X @ X^T and b*A + c*A@A (A symmetric) are symmetric, so only one triangle of tiles needs
+# computing; the kernels write each off-diagonal tile twice. Halves the FLOPs of 2 of the 3
+# matmuls per iteration (idea from modded-nanogpt record #27).
+
+USE_TRITON = True  # set False to force the torch path
+
+
+def _triton_ok(X):
+    return (USE_TRITON and triton is not None and X.is_cuda and X.ndim == 3
+            and X.dtype in (torch.float16, torch.bfloat16, torch.float32) and X.size(-2) >= 256)
+
+
+def sym_matmul_t(X):
+    """X @ X^T for a (B, m, n) batch."""
+    if _triton_ok(X):
+        return triton_sym_matmul_t(X)
+    return torch.bmm(X, X.mT)
+
+
+def sym_poly(A, b, c):
+    """b*A + c*A@A for a symmetric (B, m, m) batch A."""
+    if _triton_ok(A):
+        return triton_sym_poly(A, b, c)
+    return torch.baddbmm(A, A, A, beta=b, alpha=c)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sym_kernel(X_ptr, Y_ptr, C_ptr, M, K, sxb, sxm, sxk, syb, sym_, syk, scb, scm, scn, alpha, beta,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ADD_Y: tl.constexpr):
+        """C = alpha * X @ X^T (+ beta * Y) for the lower-triangle tile (pid_m >= pid_n) of one
+        batch entry; writes the tile and its mirror. X: (B, M, K); Y, C: (B, M, M)."""
+        pid_b = tl.program_id(1)
+        pid = tl.program_id(0)
+        # map the linear id onto lower-triangle tile coordinates (row i holds tiles 0..i)
+        pid_m = ((tl.sqrt(8.0 * pid + 1.0) - 1.0) / 2.0).to(tl.int32)
+        pid_m = tl.where((pid_m + 1) * (pid_m + 2) // 2 <= pid, pid_m + 1, pid_m)  # float round-off guard
+        pid_m = tl.where(pid_m * (pid_m + 1) // 2 > pid, pid_m - 1, pid_m)
+        pid_n = pid - pid_m * (pid_m + 1) // 2
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = tl.arange(0, BLOCK_K)
+        Xb = X_ptr + pid_b * sxb
+        acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            a = tl.load(Xb + rm[:, None] * sxm + kk[None, :] * sxk, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+            b = tl.load(Xb + rn[:, None] * sxm + kk[None, :] * sxk, mask=(rn[:, None] < M) & (kk[None, :] < K), other=0.0)
+            acc += tl.dot(a, tl.trans(b))
+        acc = acc * alpha
+        mask = (rm[:, None] < M) & (rn[None, :] < M)
+        if ADD_Y:
+            y = tl.load(Y_ptr + pid_b * syb + rm[:, None] * sym_ + rn[None, :] * syk, mask=mask, other=0.0)
+            acc += beta * y.to(tl.float32)
+        out = acc.to(C_ptr.dtype.element_ty)
+        Cb = C_ptr + pid_b * scb
+        tl.store(Cb + rm[:, None] * scm + rn[None, :] * scn, out, mask=mask)
+        if pid_m != pid_n:
+            tl.store(Cb + rn[None, :] * scm + rm[:, None] * scn, out, mask=mask)
+
+    def _launch_sym(X, Y, alpha, beta, block_m=64, block_k=32):
+        Bsz, M, K = X.shape
+        C = torch.empty(Bsz, M, M, dtype=X.dtype, device=X.device)
+        t = triton.cdiv(M, block_m)
+        Yarg = Y if Y is not None else C
+        _sym_kernel[(t * (t + 1) // 2, Bsz)](
+            X, Yarg, C, M, K, X.stride(0), X.stride(1), X.stride(2),
+            Yarg.stride(0), Yarg.stride(1), Yarg.stride(2), C.stride(0), C.stride(1), C.stride(2),
+            float(alpha), float(beta), BLOCK_M=block_m, BLOCK_K=block_k, ADD_Y=Y is not None)
+        return C
+
+    def triton_sym_matmul_t(X):
+        """X @ X^T for (B, m, n) X with the Triton kernel: lower-triangle tiles only, mirrored."""
+        return _launch_sym(X, None, 1.0, 0.0)
+
+    def triton_sym_poly(A, b, c):
+        """b*A + c*A@A for symmetric (B, m, m) A: since A = A^T, A@A = A@A^T, the same kernel."""
+        return _launch_sym(A, A, c, b)
+
+
+# -----------------------------------------------------------------------------
+# Update math: pure functions
+
+def muon_update(grad, momentum_buffer, momentum=0.95, nesterov=True, method="newton_schulz", steps=5, dtype=None):
+    """One Muon direction for a single parameter: EMA momentum (buf <- lerp(buf, g, 1-mu), the
+    form used by KellerJordan/Muon and torch.optim.Muon), Nesterov look-ahead g.lerp(buf, mu),
+    then orthogonalization. >= 3D conv kernels are flattened to (out, -1); the returned direction
+    has grad's shape, unscaled (see shape_scale). Mutates momentum_buffer."""
+    momentum_buffer.lerp_(grad, 1 - momentum)
+    g = grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
+    return orthogonalize(as_matrices(g), method, steps, dtype).reshape(grad.shape)
+
+
+def as_matrices(t):
+    """The matrix view Muon orthogonalizes: 2D as is, 3D a batch of matrices, >= 4D (conv
+    kernels out x in x kh x kw) flattened to (out, -1)."""
+    return t.flatten(1) if t.ndim >= 4 else t
+
+
+def shape_scale(shape, scale="original"):
+    """Update multiplier for an A x B matrix (as orthogonalized):
+    'original' sqrt(max(1, A/B)) (KellerJordan, torch default), 'match_adamw' 0.2*sqrt(max(A, B))
+    (Moonlight: update RMS ~0.2 like AdamW's, so AdamW's lr and wd carry over), 'spectral' sqrt(A/B)."""
+    A, B = shape[-2], shape[-1]
+    if scale == "original":
+        return math.sqrt(max(1.0, A / B))
+    if scale == "match_adamw":
+        return 0.2 * math.sqrt(max(A, B))
+    if scale == "spectral":
+        return math.sqrt(A / B)
+    raise ValueError(f"unknown scale {scale!r}; choose 'original', 'match_adamw' or 'spectral'")
+
+
+def normuon_normalize(O, second_moment, beta2, eps=1e-10):
+    """NorMuon (arXiv 2510.05491): orthogonalized updates still have very uneven per-neuron norms;
+    divide each row (or column) by the root of an EMA of its mean square, then rescale to keep the
+    Frobenius norm. Statistics run along the long axis, one per entry, averaged over the short axis.
+    second_moment has O's shape with the short axis of size 1; it is updated in place.
+    All-zero updates stay zero (no 0/0)."""
+    O = O.float()
+    short_axis = -1 if O.size(-2) >= O.size(-1) else -2
+    second_moment.lerp_(O.square().mean(dim=short_axis, keepdim=True), 1 - beta2)
+    N = O * second_moment.add(eps).rsqrt()
+    norm_in = O.norm(dim=(-2, -1), keepdim=True)
+    return N * (norm_in / N.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30))
+
+
+def adam_update(grad, exp_avg, exp_avg_sq, step, betas, eps):
+    """Bias-corrected Adam direction m_hat / (sqrt(v_hat) + eps); mutates the two moments."""
+    beta1, beta2 = betas
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.lerp_(grad.square(), 1 - beta2)
+    bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+    return (exp_avg / bias1) / (exp_avg_sq / bias2).sqrt().add_(eps)
+
+
+def sphere_retract(p, update, lr, mode, dim=-1):
+    """Take a step of size lr against `update` while keeping every vector of p along `dim` on the
+    unit sphere (nGPT's normalized weights). Modes:
+      'project'          p <- normalize(p - lr*update)
+      'geodesic'         move along each vector's great circle by angle theta = lr, in the
+                         direction of the tangent part of -update; stays exactly on the sphere
+      'geodesic_scaled'  same with theta = lr * |tangent part| (equals 'project' to first order)
+    Rows whose tangent part is zero do not move."""
+    if mode == "project":
+        p.add_(update, alpha=-lr)
+        p.div_(p.norm(dim=dim, keepdim=True).clamp_min(1e-12))
+        return
+    u = update.to(p.dtype)
+    tangent = u - (u * p).sum(dim=dim, keepdim=True) * p
+    t_norm = tangent.norm(dim=dim, keepdim=True)
+    if mode == "geodesic":
+        theta = torch.full_like(t_norm, lr)
+    elif mode == "geodesic_scaled":
+        theta = lr * t_norm
+    else:
+        raise ValueError(f"unknown sphere mode {mode!r}; choose 'project', 'geodesic' or 'geodesic_scaled'")
+    direction = tangent / t_norm.clamp_min(1e-30)
+    p.mul_(torch.cos(theta)).add_(direction * -torch.sin(theta))
+    p.div_(p.norm(dim=dim, keepdim=True).clamp_min(1e-12))  # remove round-off drift only
+
+
+def apply_update(p, update, lr, weight_decay=0.0, cautious_wd=False, sphere=None, sphere_dim=-1,
+                 proj_every=1, step=1):
+    """p <- p*(1 - lr*wd) - lr*update, the decoupled-weight-decay step shared by Muon and AdamW.
+    cautious_wd (arXiv 2510.12402) decays only the entries where the update pushes the same way
+    as the decay (update * p >= 0). With `sphere` the step is a sphere retraction instead
+    (project every `proj_every` steps, or geodesic)."""
+    update = update.to(p.dtype)
+    if weight_decay:
+        if cautious_wd:
+            p.sub_(p * (update * p >= 0) * (lr * weight_decay))
+        else:
+            p.mul_(1 - lr * weight_decay)
+    if sphere is None or (sphere == "project" and step % proj_every != 0):
+        p.add_(update, alpha=-lr)
+    else:
+        sphere_retract(p, update, lr, sphere, sphere_dim)
+
+
+# -----------------------------------------------------------------------------
+# The optimizer
+
+MUON_DEFAULTS = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, ns_method="newton_schulz",
+                     ns_steps=5, ns_dtype=None, scale="original", cautious_wd=False, normuon=None,
+                     sphere=None, sphere_dim=-1, proj_every=1)
+ADAM_DEFAULTS = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0, cautious_wd=False,
+                     sphere=None, sphere_dim=-1, proj_every=1)
+OPTIONAL_KEYS = {"use_muon", "name", "initial_lr"}  # name: for logging; initial_lr: set by LR schedulers
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for >= 2D hidden weights, with auxiliary AdamW groups, in one code path.
+
+    Muon(params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0, ...) takes a parameter list
+    or param groups; a group with use_muon=False is bias-corrected AdamW (lr, betas, eps,
+    weight_decay). Muon group options (defaults in MUON_DEFAULTS):
+      ns_method   'newton_schulz' | 'polar_express' | 'gram_newton_schulz';  ns_steps;
+      ns_dtype    compute dtype of the iteration (None: bf16 on CUDA, fp32 elsewhere);
+      scale       'original' | 'match_adamw' | 'spectral'  (see shape_scale);
+      cautious_wd decay only where update and weight agree in sign;
+      normuon     None, or beta2 (e.g. 0.95) for NorMuon's per-neuron normalization;
+      sphere      None | 'project' | 'geodesic' | 'geodesic_scaled' with sphere_dim, proj_every
+                  (weights kept on unit spheres along sphere_dim, as in nGPT; also for Adam groups).
+    When torch.distributed is initialized with world size > 1 (and distributed=True), each rank
+    orthogonalizes a share of the matrices and the results are all-gathered; gradients must
+    already be averaged (DDP). Every rank keeps every buffer, so state_dicts are complete and
+    identical. track_stats=True records each matrix's update RMS and orthogonality error (read
+    with .stats(), which is the only place that syncs with the device)."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, *,
+                 distributed=True, track_stats=False, **muon_options):
+        unknown = set(muon_options) - set(MUON_DEFAULTS)
+        if unknown:
+            raise TypeError(f"Muon got unknown option(s) {sorted(unknown)}; allowed: {sorted(MUON_DEFAULTS)}")
+        defaults = dict(MUON_DEFAULTS, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        **muon_options)
+        self.distributed = distributed
+        self.track_stats = track_stats
+        self._stats = {}
+        self._muon_defaults = defaults
+        super().__init__(params, {})  # defaults are applied per group kind in add_param_group
+
+    def add_param_group(self, group):
+        group = dict(group)
+        use_muon = group.setdefault("use_muon", True)
+        defaults = self._muon_defaults if use_muon else ADAM_DEFAULTS
+        allowed = set(defaults) | OPTIONAL_KEYS | {"params"}
+        unknown = set(group) - allowed
+        if unknown:
+            kind = "Muon (use_muon=True)" if use_muon else "AdamW (use_muon=False)"
+            raise ValueError(f"param group key(s) {sorted(unknown)} are not valid for a {kind} group; "
+                             f"allowed keys: {sorted(allowed)}")
+        for k, v in defaults.items():
+            group.setdefault(k, v)
+        params = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
+        if use_muon:
+            for p in params:
+                if p.ndim < 2:
+                    name = f" {group['name']!r}" if "name" in group else ""
+                    raise ValueError(f"Muon group{name} holds a parameter of shape {tuple(p.shape)}: Muon "
+                                     "orthogonalizes matrices (>= 2D). Put 0D/1D parameters (biases, gains, "
+                                     "scalars) in an AdamW group: dict(params=..., use_muon=False), "
+                                     "or build the groups with muon_param_groups(model).")
+            if group["sphere"] is not None and group["sphere"] not in ("project", "geodesic", "geodesic_scaled"):
+                raise ValueError(f"unknown sphere mode {group['sphere']!r}")
+            orthogonalize(torch.zeros(1, 1), group["ns_method"], 1)  # validates the name early
+            shape_scale((1, 1), group["scale"])
+        group["params"] = params
+        super().add_param_group(group)
+
+    # -- distributed helpers --------------------------------------------------
+    def _world(self):
+        if self.distributed and dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
+    def _params_with_grad(self, group, world):
+        """Parameters to update this step. With several ranks the has-grad mask is agreed on
+        (a parameter is skipped on every rank if any rank lacks its grad), so no rank waits on a
+        collective the others skip."""
+        params = group["params"]
+        has_grad = [p.grad is not None for p in params]
+        if world > 1 and params:
+            mask = torch.tensor(has_grad, dtype=torch.int32, device=params[0].device)
+            dist.all_reduce(mask, op=dist.ReduceOp.MIN)
+            has_grad = mask.bool().tolist()
+        return [p for p, h in zip(params, has_grad) if h]
+
+    def _orthogonalize_all(self, group, inputs, world, rank):
+        """Orthogonalize every input; with several ranks each does a balanced share (largest
+        first, to the least-loaded rank) and one all_gather shares the results."""
+        ortho = lambda x: orthogonalize(as_matrices(x), group["ns_method"], group["ns_steps"], group["ns_dtype"])
+        if world == 1:
+            return [ortho(x) for x in inputs]
+        owner, load = [0] * len(inputs), [0] * world
+        for i in sorted(range(len(inputs)), key=lambda i: -inputs[i].numel()):
+            owner[i] = min(range(world), key=lambda r: load[r])
+            load[owner[i]] += inputs[i].numel()
+        dtype = group["ns_dtype"] or default_ns_dtype(inputs[0].device)
+        buf = torch.zeros(max(load), dtype=dtype, device=inputs[0].device)
+        offset = 0
+        for i, x in enumerate(inputs):
+            if owner[i] == rank:
+                buf[offset:offset + x.numel()] = ortho(x).reshape(-1)
+                offset += x.numel()
+        gathered = [torch.empty_like(buf) for _ in range(world)]
+        dist.all_gather(gathered, buf)
+        outputs, offsets = [], [0] * world
+        for i, x in enumerate(inputs):
+            r = owner[i]
+            outputs.append(gathered[r][offsets[r]:offsets[r] + x.numel()].view(as_matrices(x).shape))
+            offsets[r] += x.numel()
+        return outputs
+
+    # -- the step ----------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        world, rank = self._world()
+        for group in self.param_groups:
+            params = self._params_with_grad(group, world)
+            if not params:
+                continue
+            if group["use_muon"]:
+                updates = self._muon_directions(group, params, world, rank)
+            else:
+                updates = self._adam_directions(group, params)
+            for p, u in zip(params, updates):
+                state = self.state[p]
+                state["step"] = state.get("step", 0) + 1
+                apply_update(p, u, group["lr"], group["weight_decay"], group["cautious_wd"], group["sphere"],
+                             group["sphere_dim"], group["proj_every"], state["step"])
+        return loss
+
+    def _muon_directions(self, group, params, world, rank):
+        inputs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - group["momentum"])
+            inputs.append(p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
+        directions = []
+        for p, O in zip(params, self._orthogonalize_all(group, inputs, world, rank)):
+            if self.track_stats:
+                self._record_stats(p, O)
+            if group["normuon"]:
+                state = self.state[p]
+                if "second_moment" not in state:
+                    short_axis = -1 if O.size(-2) >= O.size(-1) else -2
+                    shape = list(O.shape)
+                    shape[short_axis] = 1
+                    state["second_moment"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                O = normuon_normalize(O, state["second_moment"], group["normuon"])
+            directions.append((O * shape_scale(O.shape, group["scale"])).view(p.shape))
+        return directions
+
+    def _adam_directions(self, group, params):
+        directions = []
+        for p in params:
+            state = self.state[p]
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            step = state.get("step", 0) + 1
+            directions.append(adam_update(p.grad, state["exp_avg"], state["exp_avg_sq"], step, group["betas"],
+                                          group["eps"]))
+        return directions
+
+    # -- diagnostics ----------------------------------------------------------------
+    def _record_stats(self, p, O):
+        O = O.float()
+        k = min(O.shape[-2:])
+        gram = O @ O.mT if O.size(-2) <= O.size(-1) else O.mT @ O  # the small k x k side
+        eye = torch.eye(k, device=O.device)
+        self._stats[p] = (O.square().mean().sqrt(), (gram - eye).norm() / math.sqrt(k))
+
+    def stats(self):
+        """Per Muon matrix of the last step: {'shape', 'update_rms' (of the orthogonalized update,
+        before lr and scale), 'ortho_error' (||O^T O - I||_F / sqrt(k))}. Needs track_stats=True."""
+        names = {p: g.get("name", f"group{i}") for i, g in enumerate(self.param_groups) for p in g["params"]}
+        return [dict(group=names[p], shape=tuple(p.shape), update_rms=rms.item(), ortho_error=err.item())
+                for p, (rms, err) in self._stats.items()]
+
+
+def _require_use_muon(param_groups):
+    param_groups = list(param_groups)
+    for g in param_groups:
+        if not isinstance(g, dict) or "use_muon" not in g:
+            raise ValueError("MuonWithAuxAdam takes a list of param-group dicts, each with use_muon=True "
+                             "(Muon: lr, momentum, weight_decay) or use_muon=False (AdamW: lr, betas, eps, "
+                             "weight_decay)")
+    return param_groups
+
+
+class MuonWithAuxAdam(Muon):
+    """KellerJordan/Muon-compatible: MuonWithAuxAdam([dict(params=..., use_muon=True, lr=0.02,
+    weight_decay=0.01), dict(params=..., use_muon=False, lr=3e-4, betas=(0.9, 0.95))])."""
+
+    def __init__(self, param_groups, **kwargs):
+        super().__init__(_require_use_muon(param_groups), **kwargs)
+
+
+class SingleDeviceMuon(Muon):
+    """KellerJordan/Muon-compatible single-device Muon (never uses torch.distributed)."""
+
+    def __init__(self, params, lr=0.02, weight_decay=0.0, momentum=0.95, **kwargs):
+        super().__init__(params, lr=lr, weight_decay=weight_decay, momentum=momentum, distributed=False, **kwargs)
+
+
+class SingleDeviceMuonWithAuxAdam(Muon):
+    """KellerJordan/Muon-compatible single-device Muon with AdamW groups (use_muon=False)."""
+
+    def __init__(self, param_groups, **kwargs):
+        super().__init__(_require_use_muon(param_groups), distributed=False, **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# Parameter grouping
+
+HEAD_NAMES = ("lm_head", "head", "classifier", "unembed", "output", "fc_out", "readout")
+
+
+def muon_param_groups(model, lr=0.02, weight_decay=0.0, adam_lr=3e-4, adam_betas=(0.9, 0.95), adam_eps=1e-10,
+                      adam_weight_decay=0.0, head_names=HEAD_NAMES, **muon_options):
+    """Split a model's parameters the way Muon is meant to be used: hidden >= 2D weights to Muon;
+    embeddings (nn.Embedding / nn.EmbeddingBag weights), the output head (a Linear named like
+    `head_names`, or whose output size equals an embedding's vocabulary, or tied to an embedding)
+    and every < 2D parameter to AdamW. An embedding or head in the Muon group is the most common
+    Muon misuse: their inputs/outputs are one-hot-like, not dense features."""
+    embed_ids, vocab_sizes = set(), set()
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+            embed_ids.add(id(m.weight))
+            vocab_sizes.add(m.num_embeddings)
+    head_ids = set()
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in head_names or m.out_features in vocab_sizes or id(m.weight) in embed_ids:
+                head_ids.add(id(m.weight))
+    muon, embed, head, other, seen = [], [], [], [], set()
+    for p in model.parameters():  # parameters() deduplicates tied weights
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in embed_ids:
+            embed.append(p)
+        elif id(p) in head_ids:
+            head.append(p)
+        elif p.ndim >= 2:
+            muon.append(p)
+        else:
+            other.append(p)
+    adam = dict(use_muon=False, lr=adam_lr, betas=adam_betas, eps=adam_eps, weight_decay=adam_weight_decay)
+    groups = [dict(params=muon, use_muon=True, lr=lr, weight_decay=weight_decay, name="muon", **muon_options),
+              dict(params=embed, name="embed", **adam), dict(params=head, name="head", **adam),
+              dict(params=other, name="scalar", **adam)]
+    return [g for g in groups if g["params"]]
+
+
+# -----------------------------------------------------------------------------
+# Self-check: python muon_optim.py
+
+def _polar_factor(G):
+    U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    return U @ Vh
+
+
+def self_check(shapes=((128, 128), (512, 128), (768, 768), (768, 3072), (4, 256, 256)), repeats=3):
+    """For each shape: singular-value range of the output and RMS error vs the exact SVD polar
+    factor U V^T, for NS5 and Polar Express, and the median time per call on this device."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = default_ns_dtype(device)
+    print(f"device={device} compute dtype={dtype} torch={torch.__version__} threads={torch.get_num_threads()}")
+    print(f"{'shape':>16} {'method':>14} {'sv min':>7} {'sv max':>7} {'err vs UV^T':>11} {'ms/call':>9}")
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for shape in shapes:
+        G = torch.randn(*shape, generator=gen).to(device)
+        ref = _polar_factor(G)
+        for name, fn in (("newton_schulz", zeropower_via_newtonschulz5), ("polar_express", polar_express)):
+            O = fn(G, dtype=dtype)
+            times = []
+            for _ in range(repeats):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn(G, dtype=dtype)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            sv = torch.linalg.svdvals(O.double())
+            err = ((O.double() - ref).square().mean().sqrt() / ref.square().mean().sqrt()).item()
+            ms = sorted(times)[len(times) // 2] * 1e3
+            rows.append(dict(shape=shape, method=name, sv_min=sv.min().item(), sv_max=sv.max().item(), err=err, ms=ms))
+            print(f"{str(tuple(shape)):>16} {name:>14} {sv.min().item():7.3f} {sv.max().item():7.3f} {err:11.4f} {ms:9.2f}")
+    return rows
+
+
+if __name__ == "__main__":
+    self_check()
