@@ -22,6 +22,7 @@ Contents
   self-check         python muon_optim.py
 """
 import math
+import os
 import time
 
 import torch
@@ -56,13 +57,13 @@ def default_ns_dtype(device):
 
 
 def _normalized(G, dtype, scale, eps):
-    """Cast to the compute dtype and divide by the Frobenius norm (times `scale`), so that every
-    singular value is <= 1/scale. Dividing by the max-abs entry first keeps the squared norm inside
-    the float range for inputs like 1e30 or 1e-30 (the sum of squares would overflow/underflow)."""
-    X = G.to(torch.float32) if G.dtype not in (torch.float32, torch.float64) else G
-    X = X / X.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * scale + eps)
-    return X.to(dtype)
+    """Cast to the compute dtype and divide by (||G||_F * scale + eps), so that every singular
+    value is <= 1/scale. The norm is taken of G / max|G| and scaled back: a plain sum of squares
+    overflows for entries ~1e20 and underflows for ~1e-20 in fp32/bf16."""
+    X = G if G.dtype in (torch.float32, torch.float64) else G.to(torch.float32)
+    amax = X.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(X.dtype).tiny)
+    norm = (X / amax).norm(dim=(-2, -1), keepdim=True) * amax
+    return (X / (norm * scale + eps)).to(dtype)
 
 
 def _odd_polynomial_iteration(G, coeffs, dtype, norm_scale, eps):
@@ -95,8 +96,7 @@ def zeropower_via_newtonschulz5(G, steps=5, dtype=None, eps=1e-7):
 
 def polar_express(G, steps=5, dtype=None):
     """Polar Express (Amsel et al. 2025): a different minimax-optimal quintic per step, so
-    5 steps land much closer to U V^T than NS5 (singular values ~[0.95, 1.05] for well-conditioned
-    inputs). The 1.02 safety factor on the norm guards against bf16 round-off pushing a singular
+    5 steps land closer to U V^T than NS5 (see the table of `python muon_optim.py`). The 1.02 safety factor on the norm guards against bf16 round-off pushing a singular
     value past the interval the polynomials were designed for. Steps beyond the published 5 reuse
     the last (already converged) coefficients; use polar_express_coefficients(n) for an exact n-list."""
     coeffs = list(POLAR_EXPRESS_COEFFS[:steps]) + [POLAR_EXPRESS_COEFFS[-1]] * max(0, steps - 5)
@@ -144,31 +144,40 @@ def polar_express_coefficients(steps, l=1e-3, cushion=0.02, safety=1.02):
     return out
 
 
+GRAM_MIN_ASPECT = 2.0  # gram_newton_schulz uses the plain iteration when n < this * m (see bench.py --only=speed)
+
+
 def gram_newton_schulz(G, steps=5, dtype=None, coeffs=None, restart_after=2, eps=1e-7):
     """The same polynomial iteration as zeropower_via_newtonschulz5, run on the small Gram matrix.
 
-    For wide X (m x n, m < n) every step is X <- P_k(R) X with R = X X^T, so after k steps
-    X_k = Q_k X_0 where Q_k is m x m: Q <- P(R) Q and R <- P(R) R P(R) (all m x m work) replace the
-    m x m x n products. X is only rebuilt (X = Q X_0, one m x m x n product) at `restart_after`
-    and at the end; rebuilding R from the new X then stops low-precision drift in R from
-    compounding. Pays off when n >> m; near-square inputs fall back to the plain iteration."""
+    For wide X (m x n, m < n) every step is X <- P(R) X with P(R) = aI + bR + cR^2, R = X X^T.
+    All P's of a run are polynomials in the first R, so they commute: after k steps X = Q X_0 with
+    Q = P_k...P_1, and R <- P R P = R P^2. Q and R are m x m, so the steps cost m^3 instead of
+    m^2 n. X is rebuilt (X = Q X_0) once after step `restart_after` (None: never) and at the end;
+    R is then recomputed from the new X, which stops half-precision drift in Q and R compounding.
+    Five steps cost 4 m^2 n + 14 m^3 multiply-adds vs 10 m^2 n + 5 m^3 for the plain iteration,
+    a win once n > 1.5 m in theory; below n = GRAM_MIN_ASPECT * m (measured) it runs the plain one."""
+    if G.ndim < 2:
+        raise ValueError(f"orthogonalization needs a (..., m, n) tensor, got shape {tuple(G.shape)}")
     coeffs = list(coeffs or [NS5_COEFFS] * steps)
     m, n = sorted(G.shape[-2:])
-    if n < 2 * m:  # the Gram trick costs more than it saves here
+    if n < GRAM_MIN_ASPECT * m:  # near-square: the m^3 work costs more than it saves
         return _odd_polynomial_iteration(G, coeffs, dtype, 1.0, eps)
     dtype = dtype or default_ns_dtype(G.device)
     transposed = G.size(-2) > G.size(-1)
     X = _normalized(G.mT if transposed else G, dtype, 1.0, eps)
     batch_shape = X.shape[:-2]
     X = X.reshape(-1, X.size(-2), X.size(-1))
-    eye = torch.eye(m, dtype=dtype, device=G.device).expand(X.size(0), m, m)
-    for start in range(0, len(coeffs), restart_after):
+    blocks = [coeffs[:restart_after], coeffs[restart_after:]] if restart_after else [coeffs]
+    for block in filter(None, blocks):
         R = sym_matmul_t(X)
         Q = None
-        for a, b, c in coeffs[start:start + restart_after]:
-            P = torch.baddbmm(sym_poly(R, b, c), eye, eye, beta=1.0, alpha=a)  # a I + b R + c R^2
+        for i, (a, b, c) in enumerate(block):
+            P = sym_poly(R, b, c)  # b R + c R^2 (a fresh tensor) ...
+            P.diagonal(dim1=-2, dim2=-1).add_(a)  # ... + a I
             Q = P if Q is None else torch.bmm(P, Q)
-            R = torch.bmm(torch.bmm(P, R), P)  # P is a polynomial in R: they commute and stay symmetric
+            if i < len(block) - 1:  # the last R of a block is never used
+                R = torch.bmm(R, sym_matmul_t(P))  # R P^2, with P^2 = P P^T (symmetric kernel on CUDA)
         X = torch.bmm(Q, X)
     X = X.reshape(*batch_shape, X.size(-2), X.size(-1))
     return X.mT if transposed else X
@@ -195,11 +204,13 @@ def orthogonalize(G, method="newton_schulz", steps=5, dtype=None):
 # matmuls per iteration (idea from modded-nanogpt record #27).
 
 USE_TRITON = True  # set False to force the torch path
+TRITON_MIN_SIZE = 256  # below this m, launch overhead beats the saved FLOPs: use torch
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run on CPU tensors (tests)
 
 
 def _triton_ok(X):
-    return (USE_TRITON and triton is not None and X.is_cuda and X.ndim == 3
-            and X.dtype in (torch.float16, torch.bfloat16, torch.float32) and X.size(-2) >= 256)
+    return (USE_TRITON and triton is not None and (X.is_cuda or _TRITON_INTERPRET) and X.ndim == 3
+            and X.dtype in (torch.float16, torch.bfloat16, torch.float32) and X.size(-2) >= TRITON_MIN_SIZE)
 
 
 def sym_matmul_t(X):
@@ -220,9 +231,13 @@ if triton is not None:
 
     @triton.jit
     def _sym_kernel(X_ptr, Y_ptr, C_ptr, M, K, sxb, sxm, sxk, syb, sym_, syk, scb, scm, scn, alpha, beta,
-                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ADD_Y: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ADD_Y: tl.constexpr,
+                    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
         """C = alpha * X @ X^T (+ beta * Y) for the lower-triangle tile (pid_m >= pid_n) of one
-        batch entry; writes the tile and its mirror. X: (B, M, K); Y, C: (B, M, M)."""
+        batch entry; writes the tile and its mirror. X: (B, M, K); Y, C: (B, M, M). Accumulates
+        in fp32. PRECISION 'ieee' keeps fp32 inputs exact (torch's CUDA default, not TF32);
+        DOT_FP32 upcasts the operands, needed only by the interpreter, whose bf16 tl.dot
+        multiplies raw bit patterns (triton-lang/triton#11584)."""
         pid_b = tl.program_id(1)
         pid = tl.program_id(0)
         # map the linear id onto lower-triangle tile coordinates (row i holds tiles 0..i)
@@ -239,7 +254,9 @@ if triton is not None:
             kk = k0 + rk
             a = tl.load(Xb + rm[:, None] * sxm + kk[None, :] * sxk, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
             b = tl.load(Xb + rn[:, None] * sxm + kk[None, :] * sxk, mask=(rn[:, None] < M) & (kk[None, :] < K), other=0.0)
-            acc += tl.dot(a, tl.trans(b))
+            if DOT_FP32:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
         acc = acc * alpha
         mask = (rm[:, None] < M) & (rn[None, :] < M)
         if ADD_Y:
@@ -251,15 +268,26 @@ if triton is not None:
         if pid_m != pid_n:
             tl.store(Cb + rn[None, :] * scm + rm[:, None] * scn, out, mask=mask)
 
-    def _launch_sym(X, Y, alpha, beta, block_m=64, block_k=32):
+    def _launch_sym(X, Y, alpha, beta, block_m=None, block_k=None):
+        """One program per lower-triangle tile per batch entry. Default tiles follow Triton's
+        matmul tutorial (128x128x64, 8 warps, 3 stages) for large M, 64x64x32 below M = 1024."""
+        if X.ndim != 3 or (Y is not None and Y.shape != (X.size(0), X.size(1), X.size(1))):
+            raise ValueError(f"symmetric kernel wants X (B, M, K) and Y (B, M, M), got {tuple(X.shape)}, "
+                             f"{None if Y is None else tuple(Y.shape)}")
         Bsz, M, K = X.shape
+        big = M >= 1024
+        block_m = block_m or (128 if big else 64)
+        block_k = block_k or (64 if big else 32)
         C = torch.empty(Bsz, M, M, dtype=X.dtype, device=X.device)
         t = triton.cdiv(M, block_m)
         Yarg = Y if Y is not None else C
         _sym_kernel[(t * (t + 1) // 2, Bsz)](
             X, Yarg, C, M, K, X.stride(0), X.stride(1), X.stride(2),
             Yarg.stride(0), Yarg.stride(1), Yarg.stride(2), C.stride(0), C.stride(1), C.stride(2),
-            float(alpha), float(beta), BLOCK_M=block_m, BLOCK_K=block_k, ADD_Y=Y is not None)
+            float(alpha), float(beta), BLOCK_M=block_m, BLOCK_K=block_k, ADD_Y=Y is not None,
+            PRECISION="ieee" if X.dtype == torch.float32 else "tf32",
+            DOT_FP32=_TRITON_INTERPRET and X.dtype == torch.bfloat16,
+            num_warps=8 if big else 4, num_stages=3)
         return C
 
     def triton_sym_matmul_t(X):

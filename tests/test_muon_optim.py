@@ -1,0 +1,400 @@
+"""Tests for muon_optim.py: orthogonalization vs SVD, equivalence with torch.optim.Muon, the
+KellerJordan-compatible API, state_dict round trips, and 2-process distributed sharding (gloo)."""
+import copy
+import io
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from hypothesis import given, settings, strategies as st
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import muon_optim as M  # noqa: E402
+
+
+# -- orthogonalization ----------------------------------------------------------
+
+def random_with_spectrum(shape, log10_kappa, seed):
+    """G = U diag(s) V^T (float64) with random orthonormal U, V and singular values log-uniform
+    in [10^-log10_kappa, 1]; returns G and its factors."""
+    gen = torch.Generator().manual_seed(seed)
+    *batch, m, n = shape
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(*batch, m, k, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(*batch, n, k, generator=gen, dtype=torch.float64))
+    s = 10 ** (-log10_kappa * torch.rand(*batch, k, generator=gen, dtype=torch.float64))
+    return (U * s.unsqueeze(-2)) @ V.mT, U, s, V
+
+
+def reference_polynomial(s, coeffs, norm_scale, eps):
+    """What the iteration must do to the singular values: normalise by the Frobenius norm, then
+    apply each odd quintic to every singular value."""
+    x = s / (s.norm(dim=-1, keepdim=True) * norm_scale + eps)
+    for a, b, c in coeffs:
+        x = a * x + b * x**3 + c * x**5
+    return x
+
+
+shapes = st.tuples(st.sampled_from([(), (3,)]), st.integers(2, 64), st.integers(2, 64)).map(lambda t: (*t[0], t[1], t[2]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1))
+@pytest.mark.parametrize("method", ["newton_schulz", "polar_express"])
+def test_orthogonalization_matches_svd(method, shape, seed):
+    G, U, s, V = random_with_spectrum(shape, log10_kappa=2.0, seed=seed)
+    # 1. the math, in float64: O = U p(s) V^T, with p the composed polynomials applied to s
+    coeffs = [M.NS5_COEFFS] * 5 if method == "newton_schulz" else M.POLAR_EXPRESS_COEFFS
+    scale, eps = (1.0, 1e-7) if method == "newton_schulz" else (1.02, 1e-6)
+    O64 = M.orthogonalize(G, method, steps=5, dtype=torch.float64)
+    torch.testing.assert_close(U.mT @ O64 @ V, torch.diag_embed(reference_polynomial(s, coeffs, scale, eps)),
+                               atol=1e-9, rtol=0)
+    # 2. the default fp32 compute stays close to it (the steep polynomials amplify round-off)
+    O = M.orthogonalize(G.float(), method, steps=5).double()
+    assert O.shape == G.shape
+    torch.testing.assert_close(O, O64, atol=5e-3, rtol=0)
+    # 3. singular values inside the iteration's known band (condition number <= 100)
+    sv = torch.linalg.svdvals(O)
+    lo, hi = (0.67, 1.21) if method == "newton_schulz" else (0.85, 1.15)
+    assert sv.min() >= lo and sv.max() <= hi, (sv.min().item(), sv.max().item())
+    # 4. close to the exact polar factor U V^T
+    polar = U @ V.mT
+    rms_err = (O - polar).square().mean(dim=(-2, -1)).sqrt() / polar.square().mean(dim=(-2, -1)).sqrt()
+    assert rms_err.max() < (0.33 if method == "newton_schulz" else 0.15)
+
+
+@pytest.mark.parametrize("method", ["newton_schulz", "polar_express", "gram_newton_schulz"])
+@pytest.mark.parametrize("scale", [0.0, 1e-30, 1e30])
+def test_orthogonalization_extreme_inputs_are_finite(method, scale):
+    gen = torch.Generator().manual_seed(0)
+    full = torch.randn(24, 40, generator=gen)
+    rank1 = torch.randn(40, 1, generator=gen) @ torch.randn(1, 24, generator=gen)
+    for G in (full, rank1):
+        O = M.orthogonalize(G * scale, method, steps=5)
+        assert torch.isfinite(O).all()
+        if scale == 0.0:
+            assert (O == 0).all()
+        elif scale == 1e-30:  # below eps: the update is damped to ~0, as in KellerJordan/torch (norm + eps)
+            assert O.abs().max() < 1e-12
+        else:  # huge inputs are not lost to overflow in the norm: same output as unscaled
+            torch.testing.assert_close(O, M.orthogonalize(G, method, steps=5), atol=1e-4, rtol=1e-3)
+    sv = torch.linalg.svdvals(M.orthogonalize(rank1, method, steps=5).double())
+    assert sv[0] > 0.5 and sv[1:].max() < 1e-4  # a rank-1 input stays rank 1
+
+
+def test_polar_express_coefficients_reproduce_published_list():
+    generated = M.polar_express_coefficients(5)
+    for got, want in zip(generated, M.POLAR_EXPRESS_COEFFS):
+        for g, w in zip(got, want):
+            assert abs(g - w) < 1e-6
+    # and they are not a copy: other settings give other numbers
+    assert abs(M.polar_express_coefficients(5, l=1e-2)[0][0] - M.POLAR_EXPRESS_COEFFS[0][0]) > 1e-2
+
+
+def test_default_dtype_is_fp32_on_cpu():
+    assert M.default_ns_dtype("cpu") == torch.float32
+    assert M.default_ns_dtype("cuda") == torch.bfloat16
+    assert M.zeropower_via_newtonschulz5(torch.randn(8, 8)).dtype == torch.float32
+
+
+def test_unknown_method_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown ns_method 'newton'.*polar_express"):
+        M.orthogonalize(torch.randn(4, 4), "newton")
+
+
+# -- the optimizer vs torch.optim.Muon ------------------------------------------
+
+def make_params(seed=0, shapes=((32, 16), (16, 48), (24, 24))):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(*s, generator=gen) * 0.1) for s in shapes]
+
+
+def run_steps(opt, params, steps, seed=1, start=0):
+    """Deterministic pseudo-gradients of a quadratic-ish loss, so both optimizers see the same
+    gradient function of the current parameters."""
+    for t in range(start, start + steps):
+        gen = torch.Generator().manual_seed(seed * 1000 + t)
+        for p in params:
+            p.grad = p.detach() * 0.5 + torch.randn(p.shape, generator=gen)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_matches_torch_optim_muon(nesterov):
+    ours, ref = make_params(), make_params()
+    start = [p.detach().clone() for p in ours]
+    kw = dict(lr=0.02, momentum=0.95, nesterov=nesterov, weight_decay=0.1)
+    run_steps(M.Muon(ours, ns_dtype=torch.bfloat16, **kw), ours, 10)
+    run_steps(torch.optim.Muon(ref, adjust_lr_fn="original", **kw), ref, 10)
+    fp32 = make_params()
+    run_steps(M.Muon(fp32, **kw), fp32, 10)
+    for p, r, q, s in zip(ours, ref, fp32, start):
+        moved = (r - s).norm()
+        assert moved > 0.05  # the test is not vacuous
+        assert (p - r).norm() / moved < 0.02  # same math, same bf16 compute: only rounding differs
+        assert (q - r).norm() / moved < 0.05  # our fp32 default: up to bf16 noise in torch's NS
+
+
+def test_match_adamw_scale_matches_torch():
+    ours, ref = make_params(), make_params()
+    run_steps(M.Muon(ours, lr=0.01, scale="match_adamw", ns_dtype=torch.bfloat16), ours, 5)
+    run_steps(torch.optim.Muon(ref, lr=0.01, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"), ref, 5)
+    for p, r in zip(ours, ref):
+        torch.testing.assert_close(p, r, atol=2e-3, rtol=0)
+
+
+def test_shape_scales():
+    assert M.shape_scale((768, 3072), "original") == 1.0
+    assert M.shape_scale((3072, 768), "original") == 2.0
+    assert M.shape_scale((768, 3072), "match_adamw") == pytest.approx(0.2 * 3072**0.5)
+    assert M.shape_scale((3072, 768), "spectral") == 2.0
+    assert M.shape_scale((768, 3072), "spectral") == 0.5
+
+
+def test_conv_and_batched_shapes():
+    conv = torch.nn.Parameter(torch.randn(8, 3, 3, 3))
+    batched = torch.nn.Parameter(torch.randn(4, 16, 32))
+    opt = M.Muon([conv, batched], lr=0.1, momentum=0.0, nesterov=False)
+    conv.grad, batched.grad = torch.randn_like(conv), torch.randn_like(batched)
+    g_conv, g_b = conv.grad.clone(), batched.grad.clone()
+    before_conv, before_b = conv.detach().clone(), batched.detach().clone()
+    opt.step()
+    expected_conv = M.zeropower_via_newtonschulz5(g_conv.reshape(8, 27)).reshape(8, 3, 3, 3)
+    torch.testing.assert_close(before_conv - conv.detach(), 0.1 * expected_conv)
+    expected_b = torch.stack([M.zeropower_via_newtonschulz5(g) for g in g_b])  # independent matrices
+    torch.testing.assert_close(before_b - batched.detach(), 0.1 * expected_b, atol=1e-6, rtol=1e-5)
+
+
+# -- options -----------------------------------------------------------------------
+
+def test_cautious_weight_decay_only_where_update_agrees():
+    p = torch.nn.Parameter(torch.tensor([[1.0, -1.0], [1.0, -1.0]]))
+    update = torch.tensor([[0.5, 0.5], [-0.5, -0.5]])
+    M.apply_update(p.data, update, lr=0.1, weight_decay=1.0, cautious_wd=True)
+    # entry (0,0): update*p > 0 -> decayed; (0,1): < 0 -> not decayed
+    expected = torch.tensor([[1.0 * 0.9 - 0.05, -1.0 - 0.05], [1.0 + 0.05, -1.0 * 0.9 + 0.05]])
+    torch.testing.assert_close(p.data, expected)
+
+
+def test_normuon_equalizes_rows_and_keeps_norm():
+    gen = torch.Generator().manual_seed(0)
+    O = torch.randn(64, 16, generator=gen) * torch.linspace(0.1, 3, 64).unsqueeze(1)  # uneven row norms
+    v = torch.zeros(64, 1)
+    N = M.normuon_normalize(O, v, beta2=0.0)  # beta2=0: v is exactly this step's mean square
+    torch.testing.assert_close(N.norm(), O.norm())
+    row_rms = N.square().mean(dim=1).sqrt()
+    assert row_rms.max() / row_rms.min() < 1.001
+    wide = torch.zeros(16, 64)
+    assert torch.equal(M.normuon_normalize(wide, torch.zeros(1, 64), 0.95), wide)  # zero update stays zero
+
+
+def test_normuon_step_is_finite_with_zero_grads():
+    p = torch.nn.Parameter(torch.randn(8, 12))
+    opt = M.Muon([p], normuon=0.95)
+    p.grad = torch.zeros_like(p)
+    before = p.detach().clone()
+    opt.step()
+    assert torch.equal(p.detach(), before)
+    assert opt.state[p]["second_moment"].shape == (1, 12)
+
+
+def test_track_stats():
+    params = make_params()
+    opt = M.Muon(params, track_stats=True, ns_method="polar_express")
+    run_steps(opt, params, 1)
+    stats = opt.stats()
+    assert len(stats) == 3
+    for s in stats:
+        assert 0.7 < s["update_rms"] * max(s["shape"]) ** 0.5 < 1.2  # ||O||_F^2 ~ min(m, n)
+        assert 0 < s["ortho_error"] < 0.5
+
+
+# -- KellerJordan-compatible API and errors ------------------------------------
+
+class TinyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 16)
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 16)
+        self.norm = torch.nn.LayerNorm(16)
+        self.head = torch.nn.Linear(16, 50, bias=False)
+
+    def forward(self, idx):
+        return self.head(self.norm(self.fc2(torch.relu(self.fc1(self.embed(idx))))))
+
+
+def train_a_bit(model, opt, steps=3):
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, 50, (8, 4), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def test_keller_jordan_seed_snippet_runs_unchanged():
+    from muon_optim import SingleDeviceMuonWithAuxAdam
+    model = TinyNet()
+    hidden = [p for p in model.parameters() if p.ndim >= 2]
+    other = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = SingleDeviceMuonWithAuxAdam([dict(params=hidden, use_muon=True, lr=0.02, weight_decay=1e-2),
+                                             dict(params=other, use_muon=False, lr=0.002, betas=(0.9, 0.95),
+                                                  weight_decay=1e-2)])
+    before = [p.detach().clone() for p in model.parameters()]
+    losses = train_a_bit(model, optimizer, 10)
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert losses[-1] < losses[0]
+
+
+def test_other_wrappers_construct():
+    model = TinyNet()
+    M.SingleDeviceMuon([model.fc1.weight], lr=0.02, weight_decay=0, momentum=0.95)
+    M.MuonWithAuxAdam([dict(params=[model.fc1.weight], use_muon=True), dict(params=[model.fc1.bias], use_muon=False)])
+    with pytest.raises(ValueError, match="use_muon"):
+        M.MuonWithAuxAdam([dict(params=[model.fc1.weight])])
+
+
+def test_wrong_key_lists_allowed_keys():
+    model = TinyNet()
+    with pytest.raises(ValueError, match=r"\['betas'\].*Muon.*allowed keys.*momentum"):
+        M.Muon([dict(params=[model.fc1.weight], use_muon=True, betas=(0.9, 0.95))])
+    with pytest.raises(ValueError, match=r"\['momentum'\].*AdamW.*allowed keys.*betas"):
+        M.Muon([dict(params=[model.fc1.bias], use_muon=False, momentum=0.9)])
+    with pytest.raises(TypeError, match="unknown option"):
+        M.Muon([model.fc1.weight], nesterove=True)
+
+
+def test_1d_param_in_muon_group_names_shape_and_fix():
+    with pytest.raises(ValueError, match=r"shape \(32,\).*use_muon=False"):
+        M.Muon([torch.nn.Parameter(torch.zeros(32))])
+    with pytest.raises(ValueError, match=r"shape \(\)"):
+        M.Muon([torch.nn.Parameter(torch.tensor(1.0))])
+
+
+def test_muon_param_groups_routes_embedding_and_head_to_adam():
+    model = TinyNet()
+    groups = {g["name"]: g for g in M.muon_param_groups(model, lr=0.02, adam_lr=1e-3)}
+    ids = lambda g: {id(p) for p in g["params"]}
+    assert ids(groups["muon"]) == {id(model.fc1.weight), id(model.fc2.weight)}
+    assert ids(groups["embed"]) == {id(model.embed.weight)}
+    assert ids(groups["head"]) == {id(model.head.weight)}
+    assert ids(groups["scalar"]) == {id(model.fc1.bias), id(model.fc2.bias), id(model.norm.weight), id(model.norm.bias)}
+    assert not groups["head"]["use_muon"] and groups["muon"]["use_muon"]
+    all_ids = [id(p) for g in groups.values() for p in g["params"]]
+    assert sorted(all_ids) == sorted(id(p) for p in model.parameters())  # each exactly once
+    train_a_bit(model, M.Muon(list(groups.values())))
+
+
+def test_tied_head_goes_to_adam_once():
+    model = TinyNet()
+    model.head.weight = model.embed.weight  # tied (50, 16)
+    groups = M.muon_param_groups(model)
+    counted = [id(p) for g in groups for p in g["params"]]
+    assert counted.count(id(model.embed.weight)) == 1
+    assert id(model.embed.weight) not in {id(p) for g in groups if g["use_muon"] for p in g["params"]}
+
+
+# -- state_dict --------------------------------------------------------------------
+
+def build(model):
+    groups = M.muon_param_groups(model, lr=0.02, weight_decay=0.01, adam_lr=1e-3, normuon=0.95, cautious_wd=True)
+    return M.Muon(groups)
+
+
+def test_state_dict_round_trip_equals_uninterrupted():
+    torch.manual_seed(0)
+    model_a = TinyNet()
+    model_b = copy.deepcopy(model_a)
+    opt_a = build(model_a)
+    train_a_bit(model_a, opt_a, 10)
+
+    opt_b = build(model_b)
+    train_a_bit(model_b, opt_b, 5)
+    blob = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, blob)
+    blob.seek(0)
+    saved = torch.load(blob, weights_only=False)
+    model_c = TinyNet()
+    model_c.load_state_dict(saved["model"])
+    opt_c = build(model_c)
+    opt_c.load_state_dict(saved["opt"])
+    # continue with the batches the uninterrupted run saw at steps 5..9 (train_a_bit reseeds each call)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 50, (8, 4), generator=gen) for _ in range(10)]
+    for idx in batches[5:]:
+        loss = torch.nn.functional.cross_entropy(model_c(idx).flatten(0, 1), idx.flatten())
+        loss.backward()
+        opt_c.step()
+        opt_c.zero_grad(set_to_none=True)
+    for pa, pc in zip(model_a.parameters(), model_c.parameters()):
+        assert torch.equal(pa, pc)
+
+
+# -- distributed (2 processes, gloo) ---------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DIST_SHAPES = ((32, 16), (16, 48), (24, 24), (8, 8, 4, 4), (3, 12, 20), (40, 40))
+
+
+def dist_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=__import__("datetime").timedelta(seconds=60))
+    params = make_params(shapes=DIST_SHAPES)
+    opt = M.Muon([dict(params=params[:4], normuon=0.9, weight_decay=0.1),
+                  dict(params=params[4:], ns_method="polar_express")], lr=0.02)
+    for t in range(6):
+        gen = torch.Generator().manual_seed(t)
+        for i, p in enumerate(params):
+            g = p.detach() * 0.5 + torch.randn(p.shape, generator=gen)  # identical on all ranks (post-DDP grads)
+            p.grad = None if (t == 3 and i == 1) else g  # a parameter without grad on one step
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.save({"params": [p.detach() for p in params], "state": opt.state_dict()}, os.path.join(out_dir, f"r{rank}_w{world}.pt"))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_distributed_matches_single_process(tmp_path):
+    dist_worker(0, 1, None, str(tmp_path))
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=dist_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, "distributed step hung"
+    assert all(p.exitcode == 0 for p in procs)
+    single = torch.load(tmp_path / "r0_w1.pt")
+    ranks = [torch.load(tmp_path / f"r{r}_w2.pt") for r in range(2)]
+    for res in ranks:
+        for a, b in zip(single["params"], res["params"]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        state = res["state"]["state"]
+        assert len(state) == len(DIST_SHAPES)  # every rank holds every buffer
+        assert all("momentum_buffer" in s for s in state.values())
+        assert state[1]["step"] == 5 and state[0]["step"] == 6  # the no-grad step was skipped
+    for k, s0 in ranks[0]["state"]["state"].items():
+        for name, v in s0.items():
+            v1 = ranks[1]["state"]["state"][k][name]
+            assert torch.equal(v, v1) if torch.is_tensor(v) else v == v1
