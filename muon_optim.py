@@ -16,7 +16,7 @@ output head, gains and biases go to the auxiliary AdamW groups (`use_muon=False`
 Contents
   orthogonalization  zeropower_via_newtonschulz5, polar_express, polar_express_coefficients,
                      gram_newton_schulz, orthogonalize (dispatch)
-  update math        muon_update, normuon_normalize, adam_update, apply_update, sphere_retract
+  update math        momentum_direction, muon_update, normuon_normalize, adam_update, apply_update, sphere_retract
   optimizer          Muon (+ KellerJordan-compatible SingleDeviceMuon, MuonWithAuxAdam, ...)
   helpers            muon_param_groups
   self-check         python muon_optim.py
@@ -302,13 +302,19 @@ if triton is not None:
 # -----------------------------------------------------------------------------
 # Update math: pure functions
 
-def muon_update(grad, momentum_buffer, momentum=0.95, nesterov=True, method="newton_schulz", steps=5, dtype=None):
-    """One Muon direction for a single parameter: EMA momentum (buf <- lerp(buf, g, 1-mu), the
-    form used by KellerJordan/Muon and torch.optim.Muon), Nesterov look-ahead g.lerp(buf, mu),
-    then orthogonalization. >= 3D conv kernels are flattened to (out, -1); the returned direction
-    has grad's shape, unscaled (see shape_scale). Mutates momentum_buffer."""
+def momentum_direction(grad, momentum_buffer, momentum=0.95, nesterov=True):
+    """EMA momentum, the form of KellerJordan/Muon and torch.optim.Muon: buf <- lerp(buf, g, 1-mu);
+    with Nesterov the look-ahead g.lerp(buf, mu), else buf. Mutates momentum_buffer."""
     momentum_buffer.lerp_(grad, 1 - momentum)
-    g = grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
+    return grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
+
+
+def muon_update(grad, momentum_buffer, momentum=0.95, nesterov=True, method="newton_schulz", steps=5, dtype=None):
+    """One Muon direction for a single parameter: momentum, then orthogonalization of the matrix
+    view (>= 4D conv kernels as (out, -1)). Returned with grad's shape and unscaled (multiply by
+    shape_scale and lr). The optimizer below does exactly this, split so ranks can share the
+    orthogonalizations."""
+    g = momentum_direction(grad, momentum_buffer, momentum, nesterov)
     return orthogonalize(as_matrices(g), method, steps, dtype).reshape(grad.shape)
 
 
@@ -543,9 +549,7 @@ class Muon(torch.optim.Optimizer):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - group["momentum"])
-            inputs.append(p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
+            inputs.append(momentum_direction(p.grad, state["momentum_buffer"], group["momentum"], group["nesterov"]))
         directions = []
         for p, O in zip(params, self._orthogonalize_all(group, inputs, world, rank)):
             if self.track_stats:
