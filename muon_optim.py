@@ -153,10 +153,14 @@ def gram_newton_schulz(G, steps=5, dtype=None, coeffs=None, restart_after=2, eps
     For wide X (m x n, m < n) every step is X <- P(R) X with P(R) = aI + bR + cR^2, R = X X^T.
     All P's of a run are polynomials in the first R, so they commute: after k steps X = Q X_0 with
     Q = P_k...P_1, and R <- P R P = R P^2. Q and R are m x m, so the steps cost m^3 instead of
-    m^2 n. X is rebuilt (X = Q X_0) once after step `restart_after` (None: never) and at the end;
-    R is then recomputed from the new X, which stops half-precision drift in Q and R compounding.
-    Five steps cost 4 m^2 n + 14 m^3 multiply-adds vs 10 m^2 n + 5 m^3 for the plain iteration,
-    a win once n > 1.5 m in theory; below n = GRAM_MIN_ASPECT * m (measured) it runs the plain one."""
+    m^2 n. Every `restart_after` steps (a short last block joins the one before: 5 steps run as
+    2 + 3) X is rebuilt (X = Q X_0) and R recomputed from it. That stops round-off in Q and R from
+    compounding: R = X X^T only resolves singular values down to sqrt(eps) of the largest, and Q
+    amplifies what R lost by ~3.4x per step (fp32, 768x3072, cond 1e4, 10 steps: relative error
+    1.6 without restarts, 1.8e-4 restarting every 2, plain iteration 1.4e-4). Five steps cost
+    4 m^2 n + 14 m^3 multiply-adds vs 10 m^2 n + 5 m^3 for the plain iteration: a win once
+    n > 1.5 m in theory; below n = GRAM_MIN_ASPECT * m (measured with bench.py) it runs the plain
+    iteration. In bf16 the result is ~3x less exact than the plain iteration's (bench.py quality)."""
     if G.ndim < 2:
         raise ValueError(f"orthogonalization needs a (..., m, n) tensor, got shape {tuple(G.shape)}")
     coeffs = list(coeffs or [NS5_COEFFS] * steps)
@@ -168,8 +172,12 @@ def gram_newton_schulz(G, steps=5, dtype=None, coeffs=None, restart_after=2, eps
     X = _normalized(G.mT if transposed else G, dtype, 1.0, eps)
     batch_shape = X.shape[:-2]
     X = X.reshape(-1, X.size(-2), X.size(-1))
-    blocks = [coeffs[:restart_after], coeffs[restart_after:]] if restart_after else [coeffs]
-    for block in filter(None, blocks):
+    size = restart_after or len(coeffs)
+    starts = list(range(0, len(coeffs), size))
+    if len(starts) > 1 and len(coeffs) - starts[-1] < size:
+        starts.pop()  # a short last block joins the previous one
+    for start, end in zip(starts, starts[1:] + [len(coeffs)]):
+        block = coeffs[start:end]
         R = sym_matmul_t(X)
         Q = None
         for i, (a, b, c) in enumerate(block):
@@ -252,8 +260,10 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
-            a = tl.load(Xb + rm[:, None] * sxm + kk[None, :] * sxk, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-            b = tl.load(Xb + rn[:, None] * sxm + kk[None, :] * sxk, mask=(rn[:, None] < M) & (kk[None, :] < K), other=0.0)
+            a = tl.load(Xb + rm[:, None] * sxm + kk[None, :] * sxk, mask=(rm[:, None] < M) & (kk[None, :] < K),
+                        other=0.0)
+            b = tl.load(Xb + rn[:, None] * sxm + kk[None, :] * sxk, mask=(rn[:, None] < M) & (kk[None, :] < K),
+                        other=0.0)
             if DOT_FP32:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
@@ -270,14 +280,15 @@ if triton is not None:
 
     def _launch_sym(X, Y, alpha, beta, block_m=None, block_k=None):
         """One program per lower-triangle tile per batch entry. Default tiles follow Triton's
-        matmul tutorial (128x128x64, 8 warps, 3 stages) for large M, 64x64x32 below M = 1024."""
+        matmul tutorial (128x128x64, 8 warps, 3 stages; K tile 32 for fp32) for large M, 64x64x32
+        below M = 1024. Not tuned on a GPU yet (see README: the GPU numbers are unmeasured)."""
         if X.ndim != 3 or (Y is not None and Y.shape != (X.size(0), X.size(1), X.size(1))):
             raise ValueError(f"symmetric kernel wants X (B, M, K) and Y (B, M, M), got {tuple(X.shape)}, "
                              f"{None if Y is None else tuple(Y.shape)}")
         Bsz, M, K = X.shape
         big = M >= 1024
         block_m = block_m or (128 if big else 64)
-        block_k = block_k or (64 if big else 32)
+        block_k = block_k or (64 if big and X.element_size() == 2 else 32)  # fp32 128x64 x3 stages: 192 KB smem
         C = torch.empty(Bsz, M, M, dtype=X.dtype, device=X.device)
         t = triton.cdiv(M, block_m)
         Yarg = Y if Y is not None else C

@@ -1,0 +1,546 @@
+"""
+bench.py -- what Muon's orthogonalization costs, how good it is, and what it buys.
+
+    python bench.py                      # all four sections (< 5 min on a 2-core CPU)
+    python bench.py --quick              # fewer shapes and repeats (~1 min)
+    python bench.py --only=speed,step    # any of: speed, quality, step, showdown
+    python bench.py --threads=1          # torch CPU threads (default: torch's choice)
+
+Sections (each measured in one process, so the ratios inside a table are fair):
+  speed     median ms per orthogonalization (NS5, Polar Express, Gram-NS; Triton/compiled on CUDA)
+            for GPT-2-small and tiny-transformer shapes, FLOPs, achieved TFLOP/s and the ratio to
+            a plain matmul of the same shape ("matmul bound"); plus Gram-NS vs NS5 by aspect ratio
+  quality   singular-value range and ||O O^T - I|| after the iteration vs the exact SVD polar
+            factor, for condition numbers 1e1..1e6
+  step      optimizer step time on the 4 GPT-2-small layer matrices: our Muon (NS5, Gram-NS,
+            +NorMuon) vs torch.optim.Muon vs torch.optim.AdamW
+  showdown  10-layer 64-wide deep linear network: SGD vs Adam vs Muon (loss curves, final
+            losses, singular-value spectra of weights and of a gradient vs its Muon update)
+Writes out/bench/results.json (sections merge into an existing file), out/bench/results.md
+(the markdown tables) and PNGs.
+"""
+import os
+
+# On a shared CPU, OpenMP's default spin-waiting makes torch's 2-thread ops up to 100x slower (a
+# thread spins at a barrier while its partner is descheduled); sleeping waiters fix it. Must be set
+# before torch loads OpenMP. Override by setting OMP_WAIT_POLICY yourself.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import copy
+import json
+import math
+import platform
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import muon_optim as mo
+
+# -----------------------------------------------------------------------------
+# settings, each overridable as --name=value
+only = "speed,quality,step,showdown"
+quick = False
+threads = 0  # 0: torch's default (all cores)
+repeats = 5  # timed calls per case (fewer when one call takes long, see case_budget_s)
+case_budget_s = 6.0  # rough wall-time budget per timed case on slow devices
+label = ""  # machine label for the tables, e.g. "2-core CPU, shared/noisy"; default: detected
+out_dir = "out/bench"
+seed = 42
+# -----------------------------------------------------------------------------
+SECTIONS = ("speed", "quality", "step", "showdown")
+for arg in sys.argv[1:]:
+    key, eq, val = arg[2:].partition("=")
+    if not arg.startswith("--") or key not in ("only", "quick", "threads", "repeats", "case_budget_s", "label",
+                                                "out_dir", "seed"):
+        sys.exit(f"unknown argument {arg!r}; use --only=speed,quality,step,showdown --quick --threads=N "
+                 "--repeats=N --case_budget_s=S --label=TEXT --out_dir=DIR --seed=N")
+    default = globals()[key]
+    if isinstance(default, bool):
+        globals()[key] = val.lower() in ("", "1", "true", "yes")
+    else:
+        try:
+            globals()[key] = type(default)(val)
+        except ValueError:
+            sys.exit(f"--{key}={val!r}: expected a {type(default).__name__}")
+wanted = [s.strip() for s in only.split(",") if s.strip()]
+if not wanted or set(wanted) - set(SECTIONS):
+    sys.exit(f"--only={only!r}: choose a comma-separated subset of {','.join(SECTIONS)}")
+if threads > 0:
+    torch.set_num_threads(threads)
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+if device == "cuda":
+    machine = torch.cuda.get_device_name()
+else:
+    machine = f"{os.cpu_count()}-core CPU ({platform.machine()}), {torch.get_num_threads()} threads"
+label = label or machine
+os.makedirs(out_dir, exist_ok=True)
+
+
+def sync():
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns, n_repeats=None, warmup=1):
+    """Median wall-clock ms per call of each fn, calls interleaved round-robin so that load from
+    other processes hits every fn alike; also the median process CPU ms (all threads), which other
+    processes on a shared CPU disturb much less. Long calls get fewer repeats (case_budget_s)."""
+    first = {}
+    for k, f in fns.items():
+        for _ in range(warmup):
+            sync()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            first[k] = time.perf_counter() - t0
+    n = n_repeats or repeats
+    if warmup and device == "cpu" and not n_repeats:
+        n = max(1, min(n, int(case_budget_s / max(sum(first.values()), 1e-9))))
+    times, cpu = {k: [] for k in fns}, {k: [] for k in fns}
+    for _ in range(n):
+        for k, f in fns.items():
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            f()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    return {k: dict(ms=statistics.median(v) * 1e3, min_ms=min(v) * 1e3, max_ms=max(v) * 1e3, n=len(v),
+                    cpu_ms=statistics.median(cpu[k]) * 1e3) for k, v in times.items()}
+
+
+def md_table(headers, rows):
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def fmt_shape(shape):
+    return "x".join(map(str, shape))
+
+
+def plt_module():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+# -----------------------------------------------------------------------------
+# 1. orthogonalization speed
+
+GPT2_SHAPES = [(768, 768), (2304, 768), (3072, 768), (768, 3072)]
+TINY_SHAPES = [(128, 128), (384, 128), (512, 128), (128, 512)]
+BATCH_SHAPES = [(12, 768, 768)]
+
+
+def plain_flops(B, m, n, steps=5):
+    """NS5 / Polar Express on the wide orientation (m <= n): X X^T, A A, B X per step."""
+    return B * steps * (4 * m * m * n + 2 * m ** 3)
+
+
+def gram_flops(B, m, n, steps=5, restart_after=2):
+    """gram_newton_schulz as written: per block of s steps R = X X^T and X = Q X (m x m x n),
+    s polynomials, s-1 updates of Q and of R = R (P P^T) (m x m x m)."""
+    if n < mo.GRAM_MIN_ASPECT * m:
+        return plain_flops(B, m, n, steps)
+    blocks = [restart_after] * (steps // restart_after)
+    if steps % restart_after:  # a short last block joins the previous one (5 steps: 2 + 3)
+        blocks[-1:] = [blocks[-1] + steps % restart_after] if blocks else [steps]
+    return B * sum(2 * (2 * m * m * n) + 2 * m ** 3 * (s + (s - 1) + 2 * (s - 1)) for s in blocks)
+
+
+def with_triton(fn, enabled):
+    def call(G, **kw):
+        saved, mo.USE_TRITON = mo.USE_TRITON, enabled
+        try:
+            return fn(G, **kw)
+        finally:
+            mo.USE_TRITON = saved
+    return call
+
+
+def orthogonalizers():
+    """(name, fn, flops_fn). On CUDA: the torch-only and the Triton path, and torch.compile."""
+    ms = [("NS5", mo.zeropower_via_newtonschulz5, plain_flops), ("Polar Express", mo.polar_express, plain_flops),
+          ("Gram-NS", mo.gram_newton_schulz, gram_flops)]
+    if device != "cuda":
+        return ms
+    out = [(name + " (torch)", with_triton(fn, False), fl) for name, fn, fl in ms]
+    if mo.triton is not None:
+        out += [("NS5 (Triton)", with_triton(mo.zeropower_via_newtonschulz5, True), plain_flops),
+                ("Gram-NS (Triton)", with_triton(mo.gram_newton_schulz, True), gram_flops)]
+    out.append(("NS5 (torch.compile)", torch.compile(with_triton(mo.zeropower_via_newtonschulz5, False)),
+                plain_flops))
+    return out
+
+
+def bench_speed():
+    shapes = GPT2_SHAPES + TINY_SHAPES + BATCH_SHAPES
+    if quick:
+        shapes = [(768, 768), (768, 3072), (384, 128), (128, 512)]
+    cases = []
+    for shape in shapes:
+        if device == "cuda":
+            cases += [(shape, torch.bfloat16), (shape, torch.float32)]
+        else:  # bf16 matmul on CPU is 10-100x slower: only the tiny shapes, to show it
+            cases.append((shape, torch.float32))
+            if max(shape) <= 512 and shape in (TINY_SHAPES[-1], TINY_SHAPES[1]):
+                cases.append((shape, torch.bfloat16))
+    methods = orthogonalizers()
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for shape, dtype in tqdm(cases, desc="speed", leave=False, mininterval=10):
+        G = torch.randn(*shape, generator=gen).to(device)
+        B = math.prod(shape[:-2])
+        m, n = sorted(shape[-2:])
+        Xw = torch.randn(B, m, n, generator=gen).to(device, dtype)
+        fns = {name: (lambda f=fn: f(G, dtype=dtype)) for name, fn, _ in methods}
+        fns["matmul"] = lambda: torch.bmm(Xw, Xw.mT)  # a plain m x n x m product: the device's matmul rate
+        try:
+            t = time_interleaved(fns)
+        except Exception as e:  # e.g. torch.compile failing on this setup: report, time the rest
+            print(f"  {fmt_shape(shape)} {dtype}: {type(e).__name__}: {e}; timing without torch.compile")
+            t = time_interleaved({k: f for k, f in fns.items() if "compile" not in k})
+        mm_rate = 2 * B * m * m * n / (t["matmul"]["ms"] / 1e3)  # FLOP/s
+        ns5_ms = t[methods[0][0]]["ms"]
+        for name, _, flops_fn in methods:
+            if name not in t:
+                continue
+            flops = flops_fn(B, m, n)
+            rows.append(dict(shape=list(shape), dtype=str(dtype).replace("torch.", ""), method=name,
+                             ms=t[name]["ms"], min_ms=t[name]["min_ms"], max_ms=t[name]["max_ms"], n=t[name]["n"],
+                             cpu_ms=t[name]["cpu_ms"],
+                             gflop=flops / 1e9, tflops=flops / (t[name]["ms"] / 1e3) / 1e12,
+                             bound_ms=flops / mm_rate * 1e3, x_bound=t[name]["ms"] / (flops / mm_rate * 1e3),
+                             speedup_vs_ns5=ns5_ms / t[name]["ms"], matmul_tflops=mm_rate / 1e12))
+    # Gram-NS vs NS5 by aspect ratio: where does working on the m x m Gram matrix start to pay?
+    m = 256 if quick else 384
+    sweep = []
+    saved = mo.GRAM_MIN_ASPECT
+    mo.GRAM_MIN_ASPECT = 1.0  # force the Gram path everywhere
+    try:
+        for r in tqdm((1, 1.5, 2, 2.5, 3, 4), desc="aspect", leave=False, mininterval=10):
+            G = torch.randn(m, int(m * r), generator=gen).to(device)
+            t = time_interleaved({"NS5": lambda: mo.zeropower_via_newtonschulz5(G),
+                                  "Gram-NS": lambda: mo.gram_newton_schulz(G)})
+            sweep.append(dict(m=m, n=int(m * r), aspect=r, ns5_ms=t["NS5"]["ms"], gram_ms=t["Gram-NS"]["ms"],
+                              speedup=t["NS5"]["ms"] / t["Gram-NS"]["ms"],
+                              cpu_speedup=t["NS5"]["cpu_ms"] / t["Gram-NS"]["cpu_ms"],
+                              flop_ratio=plain_flops(1, m, int(m * r)) / gram_flops(1, m, int(m * r))))
+    finally:
+        mo.GRAM_MIN_ASPECT = saved
+    cpu_col = device == "cpu"
+    md = md_table(["shape", "dtype", "method", "ms"] + (["CPU ms"] if cpu_col else []) +
+                  ["GFLOP", "TFLOP/s", "x matmul bound", "vs NS5"],
+                  [[fmt_shape(r["shape"]), r["dtype"], r["method"], f"{r['ms']:.2f}"] +
+                   ([f"{r['cpu_ms']:.1f}"] if cpu_col else []) +
+                   [f"{r['gflop']:.3g}", f"{r['tflops']:.3f}", f"{r['x_bound']:.2f}", f"{r['speedup_vs_ns5']:.2f}x"]
+                   for r in rows])
+    md += ("\n\nms: median wall-clock per call (interleaved repeats, after warm-up); CPU ms: median process CPU "
+           "time per call, summed over threads. GFLOP: dense-matmul FLOPs "
+           "of the algorithm as written (a Triton path does the same work with half the FLOPs in its "
+           "symmetric products, so its TFLOP/s is an effective rate). x matmul bound: ms / (GFLOP at the rate "
+           "of one plain m x n x m matmul of the same shape and dtype on this device).\n\n")
+    md += md_table(["m x n", "n/m", "NS5 ms", "Gram-NS ms (forced)", "Gram speedup (wall)", "(CPU time)", "FLOP ratio"],
+                   [(f"{s['m']}x{s['n']}", s["aspect"], f"{s['ns5_ms']:.2f}", f"{s['gram_ms']:.2f}",
+                     f"{s['speedup']:.2f}x", f"{s['cpu_speedup']:.2f}x", f"{s['flop_ratio']:.2f}x") for s in sweep])
+    md += (f"\n\ngram_newton_schulz falls back to the plain iteration below n/m = {mo.GRAM_MIN_ASPECT} "
+           "(muon_optim.GRAM_MIN_ASPECT); the table above forces the Gram path to show the crossover.")
+    plot_speed(rows, sweep)
+    return dict(rows=rows, aspect_sweep=sweep, md=md)
+
+
+def plot_speed(rows, sweep):
+    plt = plt_module()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw=dict(width_ratios=[2.2, 1]))
+    main = [r for r in rows if r["dtype"] == ("bfloat16" if device == "cuda" else "float32")]
+    shapes = list(dict.fromkeys(fmt_shape(r["shape"]) for r in main))
+    methods = list(dict.fromkeys(r["method"] for r in main))
+    w = 0.8 / len(methods)
+    for j, meth in enumerate(methods):
+        xs, ys, bounds = [], [], []
+        for i, s in enumerate(shapes):
+            for r in main:
+                if fmt_shape(r["shape"]) == s and r["method"] == meth:
+                    xs.append(i + (j - (len(methods) - 1) / 2) * w)
+                    ys.append(r["ms"])
+                    bounds.append(r["bound_ms"])
+        ax.bar(xs, ys, w, label=meth)
+        ax.scatter(xs, bounds, marker="_", color="k", s=120, zorder=3, label="matmul bound" if j == 0 else None)
+    ax.set_xticks(range(len(shapes)), shapes, rotation=30, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per orthogonalization (median)")
+    ax.set_title(f"orthogonalization time, {main[0]['dtype'] if main else ''} [{label}]", fontsize=9)
+    ax.legend(fontsize=7)
+    ax2.plot([s["aspect"] for s in sweep], [s["speedup"] for s in sweep], "o-", label="measured")
+    ax2.plot([s["aspect"] for s in sweep], [s["flop_ratio"] for s in sweep], "k--", label="FLOP ratio")
+    ax2.axhline(1.0, color="gray", lw=0.8)
+    ax2.set_xlabel("aspect ratio n/m")
+    ax2.set_ylabel("NS5 time / Gram-NS time")
+    ax2.set_title(f"Gram-NS speedup, m={sweep[0]['m']}", fontsize=9)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "bench_speed.png"), dpi=90)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# 2. orthogonalization quality
+
+def bench_quality():
+    m, n = 128, 384  # n/m = 3, so Gram-NS takes its Gram path
+    conds = (1e1, 1e3, 1e6) if quick else (1e1, 1e2, 1e3, 1e4, 1e5, 1e6)
+    dtypes = (torch.float32, torch.bfloat16)
+    methods = [("NS5", mo.zeropower_via_newtonschulz5), ("Polar Express", mo.polar_express),
+               ("Gram-NS", mo.gram_newton_schulz)]
+    gen = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, m, generator=gen, dtype=torch.float64))
+    polar = U @ V.T
+    rows = []
+    for cond in tqdm(conds, desc="quality", leave=False, mininterval=10):
+        s = torch.logspace(0, -math.log10(cond), m, dtype=torch.float64)
+        G = ((U * s) @ V.T).float().to(device)
+        for dtype in dtypes:
+            for name, fn in methods:
+                O = fn(G, dtype=dtype).double().cpu()
+                sv = torch.linalg.svdvals(O)
+                ortho = ((O @ O.T - torch.eye(m, dtype=torch.float64)).norm() / math.sqrt(m)).item()
+                err = ((O - polar).norm() / polar.norm()).item()
+                below = (sv < 0.5).float().mean().item()
+                rows.append(dict(cond=cond, dtype=str(dtype).replace("torch.", ""), method=name, sv_min=sv.min().item(),
+                                 sv_max=sv.max().item(), ortho_err=ortho, err_vs_polar=err, frac_sv_below_half=below))
+    md = md_table(["cond", "dtype", "method", "sv min", "sv max", "share of sv < 0.5", "‖O Oᵀ − I‖ / √m",
+                   "‖O − U Vᵀ‖ / ‖U Vᵀ‖"],
+                  [(f"{r['cond']:.0e}", r["dtype"], r["method"], f"{r['sv_min']:.3f}", f"{r['sv_max']:.3f}",
+                    f"{r['frac_sv_below_half']:.2f}", f"{r['ortho_err']:.3f}", f"{r['err_vs_polar']:.3f}")
+                   for r in rows])
+    md += (f"\n\nInput: {m}x{n} matrices U diag(s) V^T with s log-spaced from 1 to 1/cond; 5 steps each. "
+           "NS5 trades exactness for speed on purpose (singular values ~[0.7, 1.2] once they have grown); "
+           "the smallest singular values of ill-conditioned inputs need more steps to grow for every method.")
+    plot_quality(rows, conds)
+    return dict(rows=rows, shape=[m, n], md=md)
+
+
+def plot_quality(rows, conds):
+    plt = plt_module()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, dtype in zip(axes, ("float32", "bfloat16")):
+        for name, color in (("NS5", "C0"), ("Polar Express", "C1"), ("Gram-NS", "C2")):
+            rs = [r for r in rows if r["dtype"] == dtype and r["method"] == name]
+            ax.fill_between([r["cond"] for r in rs], [r["sv_min"] for r in rs], [r["sv_max"] for r in rs],
+                            color=color, alpha=0.2)
+            ax.plot([r["cond"] for r in rs], [r["sv_max"] for r in rs], color=color, label=name)
+            ax.plot([r["cond"] for r in rs], [r["sv_min"] for r in rs], color=color, ls="--")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("condition number of the input")
+        ax.set_title(f"singular values after 5 steps ({dtype}): max solid, min dashed", fontsize=9)
+    axes[0].set_ylabel("singular value of the output")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "bench_quality.png"), dpi=90)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# 3. optimizer step time
+
+GPT2_LAYERS = {"attn.c_attn": (2304, 768), "attn.c_proj": (768, 768), "mlp.c_fc": (3072, 768),
+               "mlp.c_proj": (768, 3072)}  # nn.Linear weights (out, in) of one GPT-2-small block
+
+
+def bench_step():
+    layers = {"attn.c_proj": (768, 768)} if quick else GPT2_LAYERS
+    gen = torch.Generator().manual_seed(seed)
+    weights = {k: torch.randn(*s, generator=gen) * 0.02 for k, s in layers.items()}
+    grads = {k: torch.randn(*s, generator=gen) * 1e-3 for k, s in layers.items()}
+
+    def make(kind):
+        params = [torch.nn.Parameter(w.clone().to(device)) for w in weights.values()]
+        for p, g in zip(params, grads.values()):
+            p.grad = g.clone().to(device)
+        opt = {"ours: Muon (NS5)": lambda: mo.Muon(params, lr=0.02, weight_decay=0.01),
+               "ours: Muon (Gram-NS)": lambda: mo.Muon(params, lr=0.02, weight_decay=0.01,
+                                                        ns_method="gram_newton_schulz"),
+               "ours: Muon + NorMuon": lambda: mo.Muon(params, lr=0.02, weight_decay=0.01, normuon=0.95),
+               "torch.optim.Muon": lambda: torch.optim.Muon(params, lr=0.02, weight_decay=0.01),
+               "torch.optim.AdamW": lambda: torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)}[kind]()
+        return opt.step
+
+    kinds = ["ours: Muon (NS5)", "ours: Muon (Gram-NS)", "ours: Muon + NorMuon", "torch.optim.AdamW"]
+    steps = {k: make(k) for k in kinds}
+    t = time_interleaved(steps, n_repeats=max(3, repeats // 2) if device == "cpu" else repeats)
+    # torch.optim.Muon runs its NS in bf16: ~1 min per step on a CPU without bf16 matmul units, so one
+    # timed step, no warm-up (its first step does the same work as the later ones)
+    print("  timing torch.optim.Muon (bf16 Newton-Schulz; ~1 min per step on CPU) ...", flush=True)
+    torch_muon = make("torch.optim.Muon")
+    t.update(time_interleaved({"torch.optim.Muon": torch_muon}, n_repeats=1 if device == "cpu" else repeats,
+                              warmup=0 if device == "cpu" else 1))
+    order = kinds[:3] + ["torch.optim.Muon", "torch.optim.AdamW"]
+    muon_ms, adamw_ms = t["torch.optim.Muon"]["ms"], t["torch.optim.AdamW"]["ms"]
+    rows = [dict(optimizer=k, ms=t[k]["ms"], n=t[k]["n"], min_ms=t[k]["min_ms"], max_ms=t[k]["max_ms"],
+                 cpu_ms=t[k]["cpu_ms"], speedup_vs_torch_muon=muon_ms / t[k]["ms"], x_adamw=t[k]["ms"] / adamw_ms)
+            for k in order]
+    ours, gram = rows[0], rows[1]
+    goals = dict(faster_than_torch_muon_50x=ours["speedup_vs_torch_muon"] >= 50,
+                 within_25x_adamw=ours["x_adamw"] <= 25,
+                 gram_faster_than_torch_muon_50x=gram["speedup_vs_torch_muon"] >= 50,
+                 gram_within_25x_adamw=gram["x_adamw"] <= 25)
+    md = md_table(["optimizer", "ms / step", "CPU ms / step", "timed steps", "speedup vs torch.optim.Muon",
+                   "time / AdamW's"],
+                  [(r["optimizer"], f"{r['ms']:.1f}", f"{r['cpu_ms']:.1f}", r["n"],
+                    f"{r['speedup_vs_torch_muon']:.1f}x", f"{r['x_adamw']:.1f}x") for r in rows])
+    md += (f"\n\nMatrices: {', '.join(f'{k} {fmt_shape(s)}' for k, s in layers.items())}, gradients given; "
+           "one optimizer.step() each, median of interleaved steps after a warm-up step (torch.optim.Muon: one "
+           "step). Goals (2-core CPU): our Muon >= 50x faster than torch.optim.Muon: "
+           f"{'met' if goals['faster_than_torch_muon_50x'] else 'NOT met'} ({ours['speedup_vs_torch_muon']:.1f}x), "
+           f"with Gram-NS {'met' if goals['gram_faster_than_torch_muon_50x'] else 'NOT met'} "
+           f"({gram['speedup_vs_torch_muon']:.1f}x); within 25x of AdamW: "
+           f"{'met' if goals['within_25x_adamw'] else 'NOT met'} ({ours['x_adamw']:.1f}x), with Gram-NS "
+           f"{'met' if goals['gram_within_25x_adamw'] else 'NOT met'} ({gram['x_adamw']:.1f}x).")
+    return dict(rows=rows, layers={k: list(s) for k, s in layers.items()}, goals=goals, md=md)
+
+
+# -----------------------------------------------------------------------------
+# 4. the deep-linear-network showdown
+
+def deep_linear(depth=10, width=64):
+    return torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(depth)])
+
+
+def bench_showdown(depth=10, width=64, n_data=1000, batch=128, n_steps=500):
+    torch.manual_seed(seed)
+    X, Y = torch.randn(n_data, width), torch.randn(n_data, width)
+    model0 = deep_linear(depth, width)
+    optimizers = {"SGD (lr 0.01, momentum 0.9)": lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9),
+                  "Adam (lr 1e-3)": lambda ps: torch.optim.Adam(ps, lr=1e-3),
+                  "Muon (lr 0.02)": lambda ps: mo.Muon(ps, lr=0.02)}
+    mid = depth // 2
+    results = {}
+    for name, make in optimizers.items():
+        model = copy.deepcopy(model0)
+        opt = make(list(model.parameters()))
+        order = torch.Generator().manual_seed(seed)  # the same batches for every optimizer
+        losses, full_losses, snap = [], [], None
+        t0 = time.perf_counter()
+        for step in tqdm(range(n_steps), desc=name.split()[0], leave=False, mininterval=10):
+            idx = torch.randint(0, n_data, (batch,), generator=order)
+            loss = torch.nn.functional.mse_loss(model(X[idx]), Y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if snap is None:  # the raw gradient of the middle layer at step 0 and its Muon update
+                g = model[mid].weight.grad.detach().clone()
+                snap = dict(grad_sv=torch.linalg.svdvals(g).tolist(),
+                            update_sv=torch.linalg.svdvals(mo.zeropower_via_newtonschulz5(g)).tolist())
+            opt.step()
+            losses.append(loss.item())
+            if step % 5 == 4:  # the loss on all 1000 points: the batch loss is too noisy to compare
+                with torch.no_grad():
+                    full_losses.append((step + 1, torch.nn.functional.mse_loss(model(X), Y).item()))
+        with torch.no_grad():
+            final = torch.nn.functional.mse_loss(model(X), Y).item()
+        results[name] = dict(losses=losses, full_losses=full_losses, final_full_loss=final,
+                             final_batch_loss=losses[-1], s=time.perf_counter() - t0,
+                             weight_sv={i: torch.linalg.svdvals(model[i].weight.detach()).tolist()
+                                        for i in (0, mid, depth - 1)}, **snap)
+    init_sv = torch.linalg.svdvals(model0[mid].weight.detach()).tolist()
+    with torch.no_grad():
+        init_loss = torch.nn.functional.mse_loss(model0(X), Y).item()
+    floor = least_squares_floor(X, Y)
+    md = md_table(["optimizer", "final loss (all 1000 points)", "above the least-squares floor", "last batch loss",
+                   "wall s"],
+                  [(k, f"{r['final_full_loss']:.4f}", f"{r['final_full_loss'] - floor:.4f}",
+                    f"{r['final_batch_loss']:.4f}", f"{r['s']:.1f}") for k, r in results.items()])
+    md += (f"\n\n{depth}-layer {width}-wide linear network without bias, PyTorch default init, MSE to random "
+           f"N(0,1) targets, {n_data} N(0,1) inputs, batch {batch}, {n_steps} steps, seed {seed}; loss at init "
+           f"{init_loss:.4f}. (A linear map cannot fit random targets exactly: the least-squares floor is "
+           f"{floor:.4f}.)")
+    plot_showdown(results, init_sv, mid, floor)
+    return dict(results=results, init_loss=init_loss, init_sv_mid=init_sv, least_squares_floor=floor, md=md)
+
+
+def least_squares_floor(X, Y):
+    W = torch.linalg.lstsq(X.double(), Y.double()).solution
+    return ((X.double() @ W - Y.double()) ** 2).mean().item()
+
+
+def plot_showdown(results, init_sv, mid, floor):
+    plt = plt_module()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for i, (name, r) in enumerate(results.items()):
+        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], color=f"C{i}", alpha=0.2, lw=0.8)
+        ax.plot(*zip(*r["full_losses"]), color=f"C{i}", label=f"{name}: final {r['final_full_loss']:.3f}")
+    ax.axhline(floor, color="k", ls=":", lw=1, label=f"least-squares floor {floor:.3f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MSE: all 1000 points (solid), batch (faint)")
+    ax.set_title(f"10-layer deep linear network [{label}]", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "showdown_loss.png"), dpi=90)
+    plt.close(fig)
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    a1.plot(init_sv, "k:", label="at init")
+    for name, r in results.items():
+        a1.plot(r["weight_sv"][mid], label=name.split(" (")[0])
+    a1.set_yscale("log")
+    a1.set_xlabel("index")
+    a1.set_ylabel("singular value")
+    a1.set_title(f"singular values of layer {mid}'s weight after training", fontsize=9)
+    a1.legend(fontsize=8)
+    r = next(iter(results.values()))
+    g, u = torch.tensor(r["grad_sv"]), torch.tensor(r["update_sv"])
+    a2.plot(g / g.max(), label="raw gradient (normalized to max 1)")
+    a2.plot(u, label="Muon update (NS5 of the gradient)")
+    a2.set_yscale("log")
+    a2.set_xlabel("index")
+    a2.set_title(f"layer {mid} at step 0: gradient vs its orthogonalized update", fontsize=9)
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "showdown_spectra.png"), dpi=90)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+
+RUNNERS = dict(speed=bench_speed, quality=bench_quality, step=bench_step, showdown=bench_showdown)
+TITLES = dict(speed="1. Orthogonalization speed", quality="2. Orthogonalization quality",
+              step="3. Optimizer step time (4 GPT-2-small matrices)", showdown="4. Deep-linear-network showdown")
+
+if __name__ == "__main__":
+    json_path = os.path.join(out_dir, "results.json")
+    results = {}
+    if os.path.exists(json_path):  # keep the other sections from earlier runs
+        with open(json_path) as f:
+            results = json.load(f)
+    print(f"device: {label} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+          f"triton {'yes' if mo.triton is not None else 'no'} | quick={quick}")
+    t_all = time.perf_counter()
+    for name in wanted:
+        t0 = time.perf_counter()
+        res = RUNNERS[name]()
+        res.update(machine=label, quick=quick, threads=torch.get_num_threads(), torch=torch.__version__,
+                   seconds=time.perf_counter() - t0, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                   command="python " + shlex.join(["bench.py"] + sys.argv[1:]))
+        results[name] = res
+        print(f"\n## {TITLES[name]} [{label}{', --quick' if quick else ''}]  ({res['seconds']:.0f} s)\n\n{res['md']}\n",
+              flush=True)
+        tmp = json_path + ".tmp"
+        with open(tmp, "w") as f:  # after every section, atomically: a crash keeps what was measured
+            json.dump(results, f, indent=1)
+        os.replace(tmp, json_path)
+    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
+        for name in SECTIONS:
+            if name in results:
+                r = results[name]
+                f.write(f"### {TITLES[name]}\n\nMachine: {r['machine']}; command: `{r['command']}` "
+                        f"({r['date']}, {r['seconds']:.0f} s)\n\n{r['md']}\n\n")
+    print(f"total {time.perf_counter() - t_all:.0f} s; wrote {json_path}, results.md and PNGs in {out_dir}")

@@ -1,0 +1,190 @@
+"""Fast paths of muon_optim: the Triton symmetric kernels (run on CPU by Triton's interpreter)
+and gram_newton_schulz (pure torch, compared with the standard iteration)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import muon_optim as mo  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# Triton kernels. TRITON_INTERPRET must be set before triton is imported, so the kernels run in a
+# child process (this pytest process may already hold a compiled-mode triton). The child returns
+# max relative errors as JSON; the assertions are made here.
+
+KERNEL_SCRIPT = r"""
+import json, os, sys
+assert os.environ["TRITON_INTERPRET"] == "1"
+sys.path.insert(0, sys.argv[1])
+import torch
+import muon_optim as mo
+torch.manual_seed(0)
+out = {}
+def rel(C, ref):
+    return ((C.float() - ref).abs().max() / ref.abs().max()).item()
+cases = [  # (B, M, K, block_m, block_k): M, K not multiples of the tile; batch > 1
+    (1, 70, 90, 32, 32), (3, 33, 17, 16, 16), (2, 45, 70, 32, 16)]
+for dtype in ("float32", "bfloat16", "float16"):
+    dt = getattr(torch, dtype)
+    for B, M, K, bm, bk in cases:
+        X = torch.randn(B, M, K).to(dt)
+        ref = X.float() @ X.float().mT
+        C = mo._launch_sym(X, None, 1.0, 0.0, block_m=bm, block_k=bk)
+        key = f"{dtype}/{B}x{M}x{K}"
+        out["xxt/" + key] = rel(C, ref)
+        out["xxt_asym/" + key] = (C.float() - C.float().mT).abs().max().item() / ref.abs().max().item()
+        out["xxt_dtype_ok/" + key] = float(C.dtype == dt and C.shape == (B, M, M))
+        Xt = torch.randn(B, K, M).to(dt).mT  # a strided (transposed) view
+        out["xxt_strided/" + key] = rel(mo._launch_sym(Xt, None, 1.0, 0.0, block_m=bm, block_k=bk),
+                                        Xt.float() @ Xt.float().mT)
+        A = (ref / ref.norm(dim=(-2, -1), keepdim=True)).to(dt)  # symmetric, norm 1 like in the iteration
+        b, c = -4.7750, 2.0315
+        ref2 = b * A.float() + c * A.float() @ A.float()
+        out["poly/" + key] = rel(mo._launch_sym(A, A, c, b, block_m=bm, block_k=bk), ref2)
+# the dispatch: with the size gate lowered, the iterations run through the kernels on CPU tensors
+launches = []
+launch = mo._launch_sym
+mo._launch_sym = lambda *a, **k: launches.append(1) or launch(*a, **k)
+mo.TRITON_MIN_SIZE = 0
+G = torch.randn(2, 70, 150)
+with_kernels = {"ns5": mo.zeropower_via_newtonschulz5(G), "gram": mo.gram_newton_schulz(G)}
+out["launches"] = len(launches)
+mo.USE_TRITON = False
+out["ns5_e2e"] = rel(with_kernels["ns5"], mo.zeropower_via_newtonschulz5(G))
+out["gram_e2e"] = rel(with_kernels["gram"], mo.gram_newton_schulz(G))
+out["launches_after_off"] = len(launches) - out["launches"]
+print("RESULT" + json.dumps(out))
+"""
+
+TOL = {"float32": 1e-5, "bfloat16": 1.6e-2, "float16": 2e-3}  # output rounding: fp32 ~1e-7, bf16 2^-8, fp16 2^-11
+
+
+@pytest.fixture(scope="module")
+def kernel_results():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")  # the interpreter is numpy, one thread
+    proc = subprocess.run([sys.executable, "-c", KERNEL_SCRIPT, str(REPO)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("op", ["xxt", "xxt_strided", "poly"])
+def test_triton_kernels_match_torch(kernel_results, op, dtype):
+    errs = {k: v for k, v in kernel_results.items() if k.startswith(f"{op}/{dtype}/")}
+    assert len(errs) == 3, errs
+    bad = {k: v for k, v in errs.items() if not v < TOL[dtype]}
+    assert not bad, f"relative error above {TOL[dtype]}: {bad}"
+
+
+def test_triton_xxt_is_symmetric_with_input_dtype(kernel_results):
+    # off-diagonal tiles are written twice from the same registers: exactly mirrored; diagonal
+    # tiles are computed whole, so allow fp32 round-off there
+    for k, v in kernel_results.items():
+        if k.startswith("xxt_asym/"):
+            assert v < 1e-6, (k, v)
+        if k.startswith("xxt_dtype_ok/"):
+            assert v == 1.0, k
+
+
+def test_iterations_dispatch_to_kernels(kernel_results):
+    # NS5: X X^T and the polynomial per step; Gram (restart after 2): R, 2 P, 1 P^2, then R, 3 P, 2 P^2
+    assert kernel_results["launches"] == 5 * 2 + (1 + 2 + 1) + (1 + 3 + 2)
+    assert kernel_results["launches_after_off"] == 0
+    assert kernel_results["ns5_e2e"] < 1e-5
+    assert kernel_results["gram_e2e"] < 1e-5
+
+
+# -----------------------------------------------------------------------------
+# Gram Newton-Schulz: the same polynomial as the standard iteration, computed differently.
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These matrices are tiny: a second thread only adds sync cost (and, on a busy shared CPU,
+    spin-waiting at OpenMP barriers). Restored for the other test files."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def _rel(A, B):
+    return ((A.double() - B.double()).norm() / B.double().norm()).item()
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (300, 70), (3, 40, 200), (2, 2, 24, 100), (128, 512)])
+def test_gram_equals_standard_iteration_fp32(shape):
+    G = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    O = mo.gram_newton_schulz(G, dtype=torch.float32)
+    ref = mo.zeropower_via_newtonschulz5(G.double(), dtype=torch.float64)
+    assert O.shape == G.shape and O.dtype == torch.float32
+    assert _rel(O, ref) < 1e-5
+
+
+@pytest.mark.parametrize("restart_after", [2, 1, None])
+@pytest.mark.parametrize("shape", [(64, 256), (300, 70), (3, 40, 200)])
+def test_gram_bf16_close_to_standard(shape, restart_after):
+    G = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+    ref = mo.zeropower_via_newtonschulz5(G.double(), dtype=torch.float64)
+    O = mo.gram_newton_schulz(G, dtype=torch.bfloat16, restart_after=restart_after)
+    plain = mo.zeropower_via_newtonschulz5(G, dtype=torch.bfloat16)
+    assert O.dtype == torch.bfloat16
+    # measured: plain bf16 ~1.5e-2, Gram bf16 2-5e-2 from the exact fp64 iteration (NS5 itself is
+    # ~0.3 away from U V^T, so both are far inside what Muon tolerates)
+    assert _rel(plain, ref) < 0.03
+    assert _rel(O, ref) < 0.08
+    sv = torch.linalg.svdvals(O.double())
+    assert sv.min() > 0.5 and sv.max() < 1.3
+
+
+def test_gram_custom_coeffs_and_steps():
+    G = torch.randn(32, 160, generator=torch.Generator().manual_seed(3))
+    for steps in (1, 3, 7):
+        O = mo.gram_newton_schulz(G, steps=steps, dtype=torch.float32)
+        assert _rel(O, mo.zeropower_via_newtonschulz5(G.double(), steps=steps, dtype=torch.float64)) < 1e-5
+    coeffs = mo.POLAR_EXPRESS_COEFFS
+    ref = mo._odd_polynomial_iteration(G.double(), coeffs, torch.float64, 1.0, 1e-7)
+    assert _rel(mo.gram_newton_schulz(G, coeffs=coeffs, dtype=torch.float32), ref) < 1e-5
+
+
+def test_gram_restarts_keep_ill_conditioned_inputs_accurate():
+    # R = X X^T cannot resolve singular values below ~sqrt(eps); without restarts Q amplifies that
+    # loss ~3.4x per step: with 10 steps in one block the fp32 result is garbage (error ~1)
+    gen = torch.Generator().manual_seed(6)
+    U, _ = torch.linalg.qr(torch.randn(64, 64, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(256, 64, generator=gen, dtype=torch.float64))
+    G = ((U * torch.logspace(0, -4, 64, dtype=torch.float64)) @ V.T).float()
+    ref = mo.zeropower_via_newtonschulz5(G.double(), steps=10, dtype=torch.float64)
+    assert _rel(mo.gram_newton_schulz(G, steps=10), ref) < 1e-3
+    assert _rel(mo.gram_newton_schulz(G, steps=10, restart_after=None), ref) > 1e-2  # why restarts exist
+
+
+def test_gram_near_square_uses_standard_iteration(monkeypatch):
+    G = torch.randn(96, 150, generator=torch.Generator().manual_seed(4))  # n < 2m
+    assert torch.equal(mo.gram_newton_schulz(G), mo.zeropower_via_newtonschulz5(G))
+    monkeypatch.setattr(mo, "GRAM_MIN_ASPECT", 1.0)  # force the Gram path on a square matrix
+    Gs = torch.randn(80, 80, generator=torch.Generator().manual_seed(5))
+    O = mo.gram_newton_schulz(Gs)
+    assert not torch.equal(O, mo.zeropower_via_newtonschulz5(Gs))  # really the other code path ...
+    assert _rel(O, mo.zeropower_via_newtonschulz5(Gs.double(), dtype=torch.float64)) < 1e-5  # ... same result
+
+
+def test_gram_rejects_vectors_and_muon_accepts_it():
+    with pytest.raises(ValueError, match="needs a"):
+        mo.gram_newton_schulz(torch.randn(10))
+    W = torch.nn.Parameter(torch.randn(16, 64))
+    opt = mo.Muon([W], lr=0.02, ns_method="gram_newton_schulz")
+    W.grad = torch.randn(16, 64)
+    before = W.detach().clone()
+    opt.step()
+    step = (before - W.detach()) / 0.02
+    ref = mo.zeropower_via_newtonschulz5(W.grad.lerp(W.grad * 0.05, 0.95).double(), dtype=torch.float64)
+    assert _rel(step, ref) < 1e-4
