@@ -506,29 +506,44 @@ class Muon(torch.optim.Optimizer):
         return [p for p, h in zip(params, has_grad) if h]
 
     def _orthogonalize_all(self, group, inputs, world, rank):
-        """Orthogonalize every input; with several ranks each does a balanced share (largest
-        first, to the least-loaded rank) and one all_gather shares the results."""
-        ortho = lambda x: orthogonalize(as_matrices(x), group["ns_method"], group["ns_steps"], group["ns_dtype"])
+        """Orthogonalize every input. Same-shape matrices are stacked into one batched call (one
+        launch and larger matmuls instead of many small ones). With several ranks each bucket is
+        split into up to `world` chunks, chunks go to the least-loaded rank (largest first), and one
+        all_gather shares the results; with one rank the same code runs without the gather."""
+        mats = [as_matrices(x) for x in inputs]
+        buckets = {}
+        for i, m in enumerate(mats):
+            buckets.setdefault(tuple(m.shape), []).append(i)
+        chunks = [idx[k::world] for idx in buckets.values() for k in range(min(world, len(idx)))]
+        owner, load = [0] * len(chunks), [0] * world
+        for c in sorted(range(len(chunks)), key=lambda c: -len(chunks[c]) * mats[chunks[c][0]].numel()):
+            owner[c] = min(range(world), key=lambda r: load[r])
+            load[owner[c]] += len(chunks[c]) * mats[chunks[c][0]].numel()
+        outputs = [None] * len(mats)
+        mine = [c for c in range(len(chunks)) if owner[c] == rank]
+        for c in mine:
+            idx = chunks[c]
+            stacked = mats[idx[0]].unsqueeze(0) if len(idx) == 1 else torch.stack([mats[i] for i in idx])
+            O = orthogonalize(stacked, group["ns_method"], group["ns_steps"], group["ns_dtype"])
+            for j, i in enumerate(idx):
+                outputs[i] = O[j]
         if world == 1:
-            return [ortho(x) for x in inputs]
-        owner, load = [0] * len(inputs), [0] * world
-        for i in sorted(range(len(inputs)), key=lambda i: -inputs[i].numel()):
-            owner[i] = min(range(world), key=lambda r: load[r])
-            load[owner[i]] += inputs[i].numel()
-        dtype = group["ns_dtype"] or default_ns_dtype(inputs[0].device)
-        buf = torch.zeros(max(load), dtype=dtype, device=inputs[0].device)
+            return outputs
+        dtype = group["ns_dtype"] or default_ns_dtype(mats[0].device)
+        buf = torch.zeros(max(load), dtype=dtype, device=mats[0].device)  # all_gather wants equal sizes
         offset = 0
-        for i, x in enumerate(inputs):
-            if owner[i] == rank:
-                buf[offset:offset + x.numel()] = ortho(x).reshape(-1)
-                offset += x.numel()
+        for c in mine:  # this rank's results, in chunk order
+            for i in chunks[c]:
+                buf[offset:offset + mats[i].numel()] = outputs[i].reshape(-1)
+                offset += mats[i].numel()
         gathered = [torch.empty_like(buf) for _ in range(world)]
         dist.all_gather(gathered, buf)
-        outputs, offsets = [], [0] * world
-        for i, x in enumerate(inputs):
-            r = owner[i]
-            outputs.append(gathered[r][offsets[r]:offsets[r] + x.numel()].view(as_matrices(x).shape))
-            offsets[r] += x.numel()
+        offsets = [0] * world
+        for c in range(len(chunks)):
+            r = owner[c]
+            for i in chunks[c]:
+                outputs[i] = gathered[r][offsets[r]:offsets[r] + mats[i].numel()].view(mats[i].shape)
+                offsets[r] += mats[i].numel()
         return outputs
 
     # -- the step ----------------------------------------------------------------

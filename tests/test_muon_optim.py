@@ -169,6 +169,25 @@ def test_conv_and_batched_shapes():
     torch.testing.assert_close(before_b - batched.detach(), 0.1 * expected_b, atol=1e-6, rtol=1e-5)
 
 
+def test_same_shape_batching_equals_muon_update():
+    """The optimizer stacks same-shape matrices into one call; each must get exactly the
+    single-matrix update (muon_update, the pure function)."""
+    params = make_params(shapes=((24, 40), (24, 40), (24, 40), (40, 24)))
+    refs = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    opt = M.Muon(params, lr=0.05)
+    for t in range(3):
+        gen = torch.Generator().manual_seed(t)
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for r, g, b in zip(refs, grads, bufs):
+            r -= 0.05 * M.shape_scale(r.shape) * M.muon_update(g, b)
+    for p, r in zip(params, refs):
+        torch.testing.assert_close(p.detach(), r, atol=1e-6, rtol=1e-5)
+
+
 # -- options -----------------------------------------------------------------------
 
 def test_cautious_weight_decay_only_where_update_agrees():
@@ -347,7 +366,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-DIST_SHAPES = ((32, 16), (16, 48), (24, 24), (8, 8, 4, 4), (3, 12, 20), (40, 40))
+DIST_SHAPES = ((32, 16), (16, 48), (24, 24), (8, 8, 4, 4), (3, 12, 20), (40, 40), (32, 16), (24, 24), (24, 24))
 
 
 def dist_worker(rank, world, port, out_dir):
