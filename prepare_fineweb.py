@@ -1,0 +1,295 @@
+"""
+prepare_fineweb.py -- tokenize a text corpus into llm.c / modded-nanogpt shards for train_muon.py.
+
+    python prepare_fineweb.py                          # FineWeb-Edu sample-10BT from the HF hub (streamed)
+    python prepare_fineweb.py --num_tokens=900000000   # stop after 0.9B tokens (9 shards of 1e8)
+    python prepare_fineweb.py --input='texts/*.txt' --encoding=r50k_base --shard_size=100000 --out_dir=data/mine
+    python prepare_fineweb.py --input='plays/*.txt' --txt_sample_by=paragraph --shuffle_seed=0 ...  # ordered corpus
+
+Every document becomes [EOT] + tokens (tiktoken's GPT-2 BPE by default; EOT = 50256), tokenized in a
+multiprocessing pool, and the token stream is cut into shards of `shard_size` tokens:
+    data/fineweb_edu/fineweb_val_000000.bin      shard 0 = validation
+    data/fineweb_edu/fineweb_train_000001.bin    then training shards, ...
+Shard format (llm.c): a header of 256 int32 (magic 20240520, version 1, number of tokens, rest zero),
+then the tokens as uint16.
+
+Local files go through the same `datasets` streaming code path as the hub: --input is a glob of .txt
+(one document per file, or per line/paragraph with --txt_sample_by), .jsonl/.json (field --text_field)
+or .parquet files; all files of one glob must have the same kind.
+
+Shards are written atomically (temp file, then os.replace), and a small state file records where each
+shard ended in the document stream, so a rerun (e.g. after Ctrl-C or a dropped connection) skips the
+finished shards without tokenizing them again.
+"""
+import glob
+import json
+import multiprocessing as mp
+import os
+import sys
+from ast import literal_eval
+
+import numpy as np
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# Constants: edit here or override on the command line as --name=value
+dataset = "HuggingFaceFW/fineweb-edu"  # hub dataset (streamed), used when `input` is empty
+dataset_config = "sample-10BT"
+split = "train"
+input = ""  # glob of local .txt / .jsonl / .json / .parquet files instead of the hub
+text_field = "text"  # the field holding each document's text
+txt_sample_by = "document"  # for .txt input: one document per "document" (file), "paragraph" or "line"
+shuffle_seed = -1  # >= 0: shuffle the documents (datasets' buffered shuffle) with this seed; for ordered local
+shuffle_buffer = 10000  # corpora (e.g. plays file by file), so that val and train mix everything. FineWeb is shuffled.
+encoding = "gpt2"  # tiktoken encoding name (r50k_base has the same vocabulary as gpt2)
+out_dir = "data/fineweb_edu"
+prefix = "fineweb"  # shard names: {prefix}_val_000000.bin, {prefix}_train_000001.bin, ...
+shard_size = 10**8  # tokens per shard
+num_tokens = 0  # cap on the total number of tokens written (0 = the whole dataset)
+num_proc = max(1, (os.cpu_count() or 2) - 1)  # tokenizer processes (1 = tokenize in this process)
+chunksize = 16  # documents per task sent to a worker
+# -----------------------------------------------------------------------------
+
+MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
+STATE_FILE = "prepare_state.json"
+
+
+def shard_path(out_dir, index, prefix="fineweb"):
+    """Shard 0 is validation, the rest training (the modded-nanogpt names)."""
+    return os.path.join(out_dir, f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.bin")
+
+
+def write_shard(path, tokens):
+    """Write one llm.c shard atomically: 256 x int32 header (magic, version, count, zeros) + uint16 tokens."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError(f"token ids must fit uint16 (0..65535), got range {tokens.min()}..{tokens.max()}")
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = MAGIC, VERSION, len(tokens)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype(np.uint16).tobytes())
+    os.replace(tmp, path)
+
+
+def read_shard(path):
+    """Tokens of a shard as a uint16 array, after checking magic, version and size."""
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    if len(header) < HEADER_INTS or header[0] != MAGIC or header[1] != VERSION:
+        raise ValueError(f"{path} is not an llm.c token shard (bad or short header)")
+    count = int(header[2])
+    if os.path.getsize(path) != HEADER_INTS * 4 + 2 * count:
+        raise ValueError(f"{path}: header says {count} tokens but the file has {os.path.getsize(path)} bytes")
+    return np.fromfile(path, dtype=np.uint16, offset=HEADER_INTS * 4)
+
+
+def shard_complete(path, expected_tokens):
+    """True if `path` is a valid shard holding exactly `expected_tokens` tokens."""
+    try:
+        return len(read_shard(path)) == expected_tokens
+    except (OSError, ValueError):
+        return False
+
+
+# -- documents ----------------------------------------------------------------
+
+LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def local_files(pattern):
+    """Files matching the glob and the `datasets` builder that reads them; clear errors otherwise."""
+    files = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    if not files:
+        raise FileNotFoundError(f"--input={pattern!r} matches no files; give a glob of .txt, .jsonl, .json or "
+                                ".parquet files, e.g. --input='../shared/data/shakespeare/*.txt'")
+    kinds = {os.path.splitext(f)[1].lower() for f in files}
+    unknown = kinds - set(LOCAL_BUILDERS)
+    if unknown:
+        raise ValueError(f"--input={pattern!r} matches files with extension(s) {sorted(unknown)}; "
+                         f"supported: {sorted(LOCAL_BUILDERS)}")
+    builders = {LOCAL_BUILDERS[k] for k in kinds}
+    if len(builders) > 1:
+        raise ValueError(f"--input={pattern!r} mixes file kinds {sorted(kinds)}; tokenize one kind per run")
+    return files, builders.pop()
+
+
+def load_documents(dataset, dataset_config, split, input, text_field, txt_sample_by, shuffle_seed=-1,
+                   shuffle_buffer=10000):
+    """A streaming `datasets` IterableDataset of documents: the hub dataset, or local files through the
+    same builder machinery (text / json / parquet). Its examples carry the text in `text_field`.
+    shuffle_seed >= 0 shuffles them (deterministically, so a rerun can skip finished documents)."""
+    import datasets
+    if input:
+        files, builder = local_files(input)
+        kwargs = dict(sample_by=txt_sample_by) if builder == "text" else {}
+        docs = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+    else:
+        docs = datasets.load_dataset(dataset, name=dataset_config or None, split=split, streaming=True)
+    return docs.shuffle(seed=shuffle_seed, buffer_size=shuffle_buffer) if shuffle_seed >= 0 else docs
+
+
+def document_texts(docs, text_field, skip=0):
+    """Yield the text of each document after the first `skip` ones, with a clear error for a missing field."""
+    for i, example in enumerate(docs.skip(skip) if skip else docs):
+        if text_field not in example:
+            raise KeyError(f"document {skip + i} has no field {text_field!r} (fields: {sorted(example)}); "
+                           f"set --text_field")
+        yield example[text_field]
+
+
+# -- tokenization (runs in the worker processes) ---------------------------------
+
+_encoder = None
+
+
+def get_encoding(enc):
+    """A tiktoken Encoding from a name or an Encoding object (kept as is: tests build small ones)."""
+    import tiktoken
+    return tiktoken.get_encoding(enc) if isinstance(enc, str) else enc
+
+
+def _init_worker(enc):
+    global _encoder
+    _encoder = get_encoding(enc)
+
+
+def tokenize(text):
+    """[EOT] + tokens of one document, as uint16 (the EOT marks a document boundary)."""
+    tokens = [_encoder.eot_token] + _encoder.encode_ordinary(text)
+    return np.array(tokens, dtype=np.uint16)
+
+
+# -- the driver --------------------------------------------------------------------
+
+def load_state(out_dir, settings):
+    """(finished shards, whether the whole run had finished). Each shard entry records its token count
+    and the resume point after it: documents fully consumed, tokens of the next document already used.
+    Only a prefix of shards that still exist and are valid counts; other settings -> start over."""
+    path = os.path.join(out_dir, STATE_FILE)
+    if not os.path.exists(path):
+        return [], False
+    with open(path) as f:
+        state = json.load(f)
+    if state.get("settings") != settings:
+        print(f"{path} was written with other settings; tokenizing from the start")
+        return [], False
+    done = []
+    for i, entry in enumerate(state["shards"]):
+        if not shard_complete(shard_path(out_dir, i, settings["prefix"]), entry["tokens"]):
+            break
+        done.append(entry)
+    return done, state["complete"] and len(done) == len(state["shards"])
+
+
+def save_state(out_dir, settings, shards, complete=False):
+    path = os.path.join(out_dir, STATE_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(dict(settings=settings, shards=shards, complete=complete), f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def prepare(dataset=dataset, dataset_config=dataset_config, split=split, input=input, text_field=text_field,
+            txt_sample_by=txt_sample_by, shuffle_seed=shuffle_seed, shuffle_buffer=shuffle_buffer, encoding=encoding, out_dir=out_dir, prefix=prefix, shard_size=shard_size,
+            num_tokens=num_tokens, num_proc=num_proc, chunksize=chunksize):
+    """Tokenize the documents into shards under out_dir; returns the list of shard paths.
+    `encoding` is a tiktoken name or Encoding object."""
+    enc = get_encoding(encoding)
+    if enc.n_vocab > 2**16:
+        raise ValueError(f"encoding {enc.name!r} has {enc.n_vocab} tokens; uint16 shards hold at most 65536")
+    if shard_size <= 0:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    shard_size, num_tokens = int(shard_size), int(num_tokens)
+    os.makedirs(out_dir, exist_ok=True)
+    settings = dict(source=os.path.abspath(os.path.expanduser(input)) if input else f"{dataset}/{dataset_config}/{split}",
+                    text_field=text_field, txt_sample_by=txt_sample_by, shuffle_seed=shuffle_seed,
+                    shuffle_buffer=shuffle_buffer, encoding=enc.name, n_vocab=enc.n_vocab,
+                    shard_size=shard_size, num_tokens=num_tokens, prefix=prefix)
+    shards, complete = load_state(out_dir, settings)
+    if complete:
+        print(f"{out_dir}: all {len(shards)} shards already written; nothing to do")
+        return [shard_path(out_dir, i, prefix) for i in range(len(shards))]
+    written = sum(s["tokens"] for s in shards)
+    docs_done, carry = (shards[-1]["docs"], shards[-1]["carry"]) if shards else (0, 0)
+    if shards:
+        print(f"{out_dir}: {len(shards)} finished shard(s) found ({written:,} tokens); resuming after them")
+
+    docs = load_documents(dataset, dataset_config, split, input, text_field, txt_sample_by, shuffle_seed, shuffle_buffer)
+    texts = document_texts(docs, text_field, skip=docs_done)
+    buf = np.empty(shard_size, dtype=np.uint16)
+    fill = 0
+    bar = tqdm(total=num_tokens or None, initial=written, unit="tok", unit_scale=True, desc="tokenizing")
+    pool = mp.Pool(num_proc, initializer=_init_worker, initargs=(encoding,)) if num_proc > 1 else None
+    if pool is None:
+        _init_worker(encoding)
+    stream = pool.imap(tokenize, texts, chunksize=chunksize) if pool else map(tokenize, texts)
+    doc_index = docs_done  # index (in the whole stream) of the document being copied
+
+    def flush(next_docs, next_carry):
+        """Write the buffer as the next shard; (next_docs, next_carry) is where the stream resumes."""
+        nonlocal fill, written
+        write_shard(shard_path(out_dir, len(shards), prefix), buf[:fill])
+        shards.append(dict(tokens=fill, docs=next_docs, carry=next_carry))
+        save_state(out_dir, settings, shards)
+        written += fill
+        fill = 0
+
+    try:
+        for tokens in stream:
+            offset, carry = carry, 0  # the first `carry` tokens of a resumed document are already written
+            while offset < len(tokens) and not (num_tokens and written + fill >= num_tokens):
+                room = shard_size - fill
+                if num_tokens:
+                    room = min(room, num_tokens - written - fill)
+                take = min(room, len(tokens) - offset)
+                buf[fill:fill + take] = tokens[offset:offset + take]
+                fill += take
+                offset += take
+                bar.update(take)
+                if fill == shard_size or (num_tokens and written + fill >= num_tokens):
+                    flush(*((doc_index + 1, 0) if offset == len(tokens) else (doc_index, offset)))
+            doc_index += 1
+            if num_tokens and written >= num_tokens:
+                break
+        if fill:
+            flush(doc_index, 0)
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()
+    save_state(out_dir, settings, shards, complete=True)
+    if len(shards) < 2:
+        print(f"warning: only a validation shard was written ({written:,} tokens <= shard_size={shard_size:,}); "
+              f"use a smaller --shard_size to get training shards")
+    print(f"wrote {len(shards)} shard(s), {written:,} tokens, to {out_dir}")
+    return [shard_path(out_dir, i, prefix) for i in range(len(shards))]
+
+
+def parse_overrides(argv, defaults):
+    """--name=value overrides of the constants above (values parsed as Python literals, else strings)."""
+    config = dict(defaults)
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"bad argument {arg!r}: use --name=value (names: {', '.join(config)})")
+        key, value = arg[2:].split("=", 1)
+        if key not in config:
+            raise SystemExit(f"unknown setting {key!r}; known: {', '.join(config)}")
+        if not isinstance(config[key], str):
+            try:
+                value = literal_eval(value)
+            except (ValueError, SyntaxError):
+                raise SystemExit(f"--{key}={value}: expected a {type(config[key]).__name__}")
+            if isinstance(config[key], int) and isinstance(value, float) and value.is_integer():
+                value = int(value)  # --shard_size=1e5
+        config[key] = value
+    return config
+
+
+if __name__ == "__main__":
+    CONFIG = dict(dataset=dataset, dataset_config=dataset_config, split=split, input=input, text_field=text_field,
+                  txt_sample_by=txt_sample_by, shuffle_seed=shuffle_seed, shuffle_buffer=shuffle_buffer, encoding=encoding, out_dir=out_dir, prefix=prefix,
+                  shard_size=shard_size, num_tokens=num_tokens, num_proc=num_proc, chunksize=chunksize)
+    try:
+        prepare(**parse_overrides(sys.argv[1:], CONFIG))
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: {e}")
