@@ -1,0 +1,252 @@
+"""Tests for train_ngpt.py (nGPT + Muon on the hypersphere) and muon_optim's sphere options.
+Everything runs on tiny models and shards written here; well under a minute on 2 CPU cores."""
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import train_ngpt  # noqa: E402
+from muon_optim import Muon, apply_update, sphere_retract  # noqa: E402
+from train_ngpt import NGPT, param_groups  # noqa: E402
+
+VARIANTS = [(o, s) for o in ("muon", "adam") for s in ("project", "geodesic", "geodesic_scaled")]
+
+
+def defaults(**overrides):
+    return dict(train_ngpt.CONFIG, **overrides)
+
+
+def unit_rows(n, d, dim=-1, seed=0, dtype=torch.float64):
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return x / x.norm(dim=dim, keepdim=True)
+
+
+def write_shard(path, tokens):
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = (20240520, 1, len(tokens))
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """A learnable toy language: a few repeated 'sentences' of GPT-2-range token ids."""
+    rng = np.random.default_rng(0)
+    sentences = [rng.integers(0, 50257, size=rng.integers(5, 12)) for _ in range(8)]
+    stream = np.concatenate([sentences[i] for i in rng.integers(0, 8, size=3000)])
+    write_shard(tmp_path / "toy_val_000000.bin", stream[:2000])
+    write_shard(tmp_path / "toy_train_000001.bin", stream[2000:])
+    return str(tmp_path)
+
+
+def tiny_cfg(data_dir, out_dir, **overrides):
+    cfg = dict(data_dir=data_dir, train_files="toy_train_*.bin", val_files="toy_val_*.bin",
+               out_dir=str(out_dir), vocab_top=64, n_layer=2, n_embd=32, n_head=2, block_size=16,
+               batch_size=4, grad_accum_steps=1, max_steps=6, eval_every=2, eval_tokens=256,
+               ckpt_every=0, muon_lr=0.02, adam_lr=1e-2, device="cpu")
+    return defaults(**dict(cfg, **overrides))
+
+
+# -----------------------------------------------------------------------------
+# muon_optim's sphere options
+
+@pytest.mark.parametrize("optimizer,sphere", VARIANTS)
+def test_every_normalized_matrix_stays_unit_after_steps(optimizer, sphere):
+    torch.manual_seed(0)
+    model = NGPT(97, n_layer=2, n_embd=32, n_head=2, block_size=16)
+    opt = Muon(param_groups(model, defaults(optimizer=optimizer, sphere=sphere, muon_lr=0.05, adam_lr=1e-2)),
+               distributed=False)
+    x = torch.randint(0, 97, (4, 16))
+    before = [p.detach().clone() for p, _ in model.sphere_params()]
+    for _ in range(4):
+        _, loss = model(x, x.roll(-1, 1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for (p, dim), p0 in zip(model.sphere_params(), before):
+        assert (p.norm(dim=dim) - 1).abs().max().item() < 1e-5
+        assert (p - p0).abs().max().item() > 1e-4  # it did move
+    assert len(model.sphere_params()) == 2 + 2 * 6  # embed, head, and q k v proj fc proj per block
+
+
+def test_sphere_dims_follow_the_paper():
+    model = NGPT(50, n_layer=1, n_embd=16, n_head=2, block_size=8)
+    names = {id(p): n for n, p in model.named_parameters()}
+    dims = {names[id(p)]: d for p, d in model.sphere_params()}
+    assert dims == {"embed.weight": -1, "head.weight": -1, "blocks.0.attn.q.weight": -1, "blocks.0.attn.k.weight": -1,
+                    "blocks.0.attn.v.weight": -1, "blocks.0.attn.proj.weight": -2, "blocks.0.mlp.fc.weight": -1,
+                    "blocks.0.mlp.proj.weight": -2}
+    groups = {g["name"]: g for g in Muon(param_groups(model, defaults()), distributed=False).param_groups}
+    for name, group in groups.items():
+        for p in group["params"]:
+            if name == "scalars":
+                assert p.ndim == 1 and group["sphere"] is None
+            else:
+                assert group["sphere_dim"] == {id(q): d for q, d in model.sphere_params()}[id(p)]
+    assert groups["hidden_rows"]["use_muon"] and groups["hidden_cols"]["use_muon"]
+    assert not groups["embed_head"]["use_muon"] and groups["embed_head"]["sphere"] == "project"
+
+
+@pytest.mark.parametrize("dim", [-1, -2])
+def test_geodesic_is_on_the_sphere_and_moves_by_theta(dim):
+    p = unit_rows(64, 48, dim)
+    u = torch.randn(64, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for mode in ("geodesic", "geodesic_scaled"):
+        q = p.clone()
+        sphere_retract(q, u, 0.3, mode, dim)
+        assert (q.norm(dim=dim) - 1).abs().max().item() < 1e-12
+        angle = torch.arccos((p * q).sum(dim).clamp(-1, 1))
+        tangent = u - (u * p).sum(dim, keepdim=True) * p
+        expected = 0.3 if mode == "geodesic" else 0.3 * tangent.norm(dim=dim)
+        torch.testing.assert_close(angle, torch.full_like(angle, 0.3) if mode == "geodesic" else expected)
+        # it moves against the update: the loss-decrease direction
+        assert ((q - p) * u).sum().item() < 0
+
+
+def test_geodesic_scaled_equals_project_to_first_order():
+    p = unit_rows(32, 40)
+    u = torch.randn(32, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    gaps = []
+    for lr in (1e-2, 1e-3, 1e-4):
+        a, b = p.clone(), p.clone()
+        sphere_retract(a, u, lr, "project")
+        sphere_retract(b, u, lr, "geodesic_scaled")
+        gaps.append((a - b).abs().max().item())
+        assert (a - p).abs().max().item() > 50 * gaps[-1]  # the step itself is first order, the gap is not
+    # the gap shrinks like lr^2: each 10x smaller lr gives a ~100x smaller gap
+    assert 50 < gaps[0] / gaps[1] < 200 and 50 < gaps[1] / gaps[2] < 200
+
+
+@pytest.mark.parametrize("use_muon", [True, False])
+def test_lazy_projection_renormalizes_exactly_every_k_steps(use_muon):
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(unit_rows(24, 16, dtype=torch.float32))
+    group = dict(params=[w], use_muon=use_muon, lr=0.05, sphere="project", sphere_dim=-1, proj_every=3)
+    opt = Muon([group], distributed=False)
+    for step in range(1, 10):
+        w.grad = torch.randn_like(w)
+        opt.step()
+        off = (w.norm(dim=-1) - 1).abs().max().item()
+        if step % 3 == 0:
+            assert off < 1e-6, (step, off)
+        else:
+            assert off > 1e-4, (step, off)  # drifted off the sphere between projections
+
+
+def test_apply_update_without_sphere_is_plain_sgd_step():
+    p, u = torch.ones(3, 4), torch.full((3, 4), 2.0)
+    apply_update(p, u, lr=0.1)
+    torch.testing.assert_close(p, torch.full((3, 4), 0.8))
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+def test_init_is_on_the_sphere_forward_finite_and_causal():
+    torch.manual_seed(0)
+    model = NGPT(101, n_layer=2, n_embd=32, n_head=4, block_size=12)
+    for p, dim in model.sphere_params():
+        assert (p.norm(dim=dim) - 1).abs().max().item() < 1e-5
+    idx = torch.randint(0, 101, (2, 12))
+    logits, _ = model(idx)
+    assert logits.shape == (2, 12, 101) and torch.isfinite(logits).all()
+    changed = idx.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % 101
+    logits2, _ = model(changed)
+    torch.testing.assert_close(logits[:, :7], logits2[:, :7])
+    assert (logits[:, 7:] - logits2[:, 7:]).abs().max() > 1e-4
+    # effective scales start at the paper's values
+    block = model.blocks[0]
+    torch.testing.assert_close(block.alpha_attn(), torch.full((32,), 0.05))
+    torch.testing.assert_close(model.s_z(), torch.ones(101))
+
+
+# -----------------------------------------------------------------------------
+# The trainer
+
+@pytest.mark.parametrize("optimizer", ["muon", "adam"])
+def test_short_run_lowers_the_loss(shards, tmp_path, optimizer):
+    m = train_ngpt.train(tiny_cfg(shards, tmp_path / optimizer, optimizer=optimizer, max_steps=30, eval_every=30,
+                                  adam_lr=2e-2), progress=False)
+    run = m["runs"][f"ngpt-{optimizer}"]
+    assert m["finished"] and not run["diverged"]
+    assert run["val"][-1]["loss"] < run["val"][0]["loss"] - 0.5, run["val"]
+    for name in ("metrics.json", "ckpt.pt", "loss.png"):
+        assert os.path.exists(tmp_path / optimizer / name)
+
+
+def test_resume_matches_an_uninterrupted_run(shards, tmp_path, monkeypatch):
+    cfg = tiny_cfg(shards, tmp_path / "straight", proj_every=2)
+    straight = train_ngpt.train(cfg, progress=False)["runs"]["ngpt-muon"]
+    ref = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)["runs"]["ngpt-muon"]["model"]
+
+    def check(out_dir):
+        resumed = train_ngpt.train(dict(cfg, out_dir=str(out_dir), resume=1), progress=False)["runs"]["ngpt-muon"]
+        assert [p["loss"] for p in resumed["train"]] == [p["loss"] for p in straight["train"]]
+        assert [(p["step"], p["loss"]) for p in resumed["val"]] == [(p["step"], p["loss"]) for p in straight["val"]]
+        got = torch.load(out_dir / "ckpt.pt", weights_only=False)["runs"]["ngpt-muon"]["model"]
+        for k, v in ref.items():
+            assert torch.equal(v, got[k]), k
+
+    # 1) stop_after_steps (job time limits), mid lazy-projection period
+    train_ngpt.train(dict(cfg, out_dir=str(tmp_path / "stopped"), stop_after_steps=3), progress=False)
+    assert torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=False)["step"] == 3
+    check(tmp_path / "stopped")
+
+    # 2) Ctrl-C while the 5th batch is being fetched: the checkpoint holds step 4 and its data position
+    real_next, calls = train_ngpt.ShardLoader.next_batch, {"n": 0}
+
+    def interrupting_next(self):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_next(self)
+
+    monkeypatch.setattr(train_ngpt.ShardLoader, "next_batch", interrupting_next)
+    with pytest.raises(KeyboardInterrupt):
+        train_ngpt.train(dict(cfg, out_dir=str(tmp_path / "ctrl_c")), progress=False)
+    monkeypatch.setattr(train_ngpt.ShardLoader, "next_batch", real_next)
+    assert torch.load(tmp_path / "ctrl_c" / "ckpt.pt", weights_only=False)["step"] == 4
+    check(tmp_path / "ctrl_c")
+
+
+def test_bad_inputs_fail_clearly(tmp_path, shards):
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(np.zeros(300, dtype=np.int32).tobytes())
+    with pytest.raises(ValueError, match="not a token shard"):
+        train_ngpt.read_shard(str(bad))
+    short = tmp_path / "short.bin"
+    write_shard(short, np.arange(100))
+    short.write_bytes(short.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        train_ngpt.read_shard(str(short))
+    with pytest.raises(FileNotFoundError, match="prepare_fineweb.py"):
+        train_ngpt.shard_paths(str(tmp_path), "nothing_*.bin")
+    with pytest.raises(SystemExit, match="unknown setting"):
+        train_ngpt.parse_overrides(["--muon_lrr=0.1"], defaults())
+    with pytest.raises(SystemExit, match="expected a float"):
+        train_ngpt.parse_overrides(["--muon_lr=fast"], defaults())
+    cfg = train_ngpt.parse_overrides(["--muon_lr=1", "--sphere=geodesic", "--sweep_proj_every=(1, 5)"], defaults())
+    assert cfg["muon_lr"] == 1.0 and cfg["sphere"] == "geodesic" and cfg["sweep_proj_every"] == (1, 5)
+    with pytest.raises(ValueError, match="raise --vocab_size"):
+        train_ngpt.train(tiny_cfg(shards, tmp_path / "v", vocab_top=0, vocab_size=64), progress=False)
+    with pytest.raises(ValueError, match="lazy projection"):
+        train_ngpt.train(tiny_cfg(shards, tmp_path / "x", sphere="geodesic", proj_every=3), progress=False)
+
+
+def test_sweep_writes_results_and_plot(shards, tmp_path):
+    cfg = tiny_cfg(shards, tmp_path, sweep="update", max_steps=4, eval_every=2)
+    assert len(train_ngpt.sweep_settings("lr", cfg)) == 6 + 6 and len(train_ngpt.sweep_settings("proj_every", cfg)) == 14
+    assert len(train_ngpt.sweep_settings("toggles", cfg)) == 5
+    cfg["sweep_optimizers"] = ("muon",)
+    results, best = train_ngpt.run_sweep(cfg)
+    assert [r["label"] for r in results] == ["muon project", "muon geodesic", "muon geodesic_scaled"]
+    assert all(math.isfinite(r["final_val_loss"]) for r in results)
+    assert best["muon"]["final_val_loss"] == min(r["final_val_loss"] for r in results)
+    assert os.path.exists(tmp_path / "sweep_update" / "results.json")
+    assert os.path.exists(tmp_path / "sweep_update" / "sweep_update.png")

@@ -1,0 +1,692 @@
+"""
+train_ngpt.py -- nGPT (the normalized transformer, Loshchilov et al. 2024, arXiv 2410.01131) trained
+with Adam or with Muon while every weight vector stays on its unit hypersphere.
+
+    python train_ngpt.py                                   # GPU-sized defaults, shards from prepare_fineweb.py
+    python train_ngpt.py --optimizer=adam --adam_lr=5e-4   # the paper's baseline
+    python train_ngpt.py --sphere=geodesic                 # Muon steps along great circles
+    python train_ngpt.py --sweep=lr                        # built-in sweeps: lr | proj_every | update | toggles
+    python train_ngpt.py --resume=1                        # continue from out_dir/ckpt.pt
+
+Every constant below can be overridden as --name=value. The model lives in this file; the
+sphere-respecting updates ('project', 'geodesic', 'geodesic_scaled', lazy projection every k
+steps) are per-group options of muon_optim.Muon, so they work for Muon and AdamW groups alike.
+Data: llm.c / modded-nanogpt token shards (256 x int32 header: magic 20240520, version 1, token
+count; then uint16 tokens), e.g. written by prepare_fineweb.py.
+"""
+import glob
+import json
+import math
+import os
+import sys
+import time
+from ast import literal_eval
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from muon_optim import Muon
+
+# -----------------------------------------------------------------------------
+# Config: edit here or override with --name=value
+
+# data (shards from prepare_fineweb.py)
+data_dir = "data/fineweb_edu"
+train_files = "fineweb_train_*.bin"
+val_files = "fineweb_val_*.bin"
+vocab_size = 50304  # GPT-2's 50257 padded to a multiple of 64 (the padding rows are never targets)
+vocab_top = 0  # 0: use the tokens as they are; N: keep the N-1 most frequent train tokens, map the rest to
+# id N-1 and set vocab_size=N (a CPU-recipe shortcut: in a tiny model the 50k-way head is most of the step)
+# model (GPT-2 small class, the size of train_muon.py's GPT)
+n_layer = 12
+n_head = 6
+n_embd = 768
+block_size = 1024
+mlp_ratio = 4  # SwiGLU hidden size = mlp_ratio * n_embd (for each of u and v)
+# batch: batch_size x block_size tokens per micro-step, grad_accum_steps micro-steps per step (65,536 tokens)
+batch_size = 8
+grad_accum_steps = 8
+# optimizer and schedule (nGPT: no warmup, no weight decay)
+optimizer = "muon"  # 'muon' (Muon on the matrices, Adam on embed/head/scalars) | 'adam' (the paper's baseline)
+max_steps = 6000
+cooldown_frac = 0.3  # constant LR, then linear decay to 0 over the last 30%
+muon_lr = 0.01  # Muon on the hidden matrices (on the sphere Muon wants a smaller LR than GPT's 0.05)
+muon_momentum = 0.95
+adam_lr = 5e-4  # Adam: every parameter when optimizer='adam'; embed, head and scalars when 'muon'
+adam_betas = (0.9, 0.95)
+adam_eps = 1e-8
+ns_method = "newton_schulz"  # 'newton_schulz' (NS5) | 'polar_express'
+normuon = 0.0  # NorMuon beta2 (e.g. 0.95); 0 = off
+weight_decay = 0.0  # on the hidden matrices; a uniform decay is undone by the projection anyway
+cautious_wd = 0  # 1: decay only where update and weight agree in sign (this one survives the projection)
+sphere = "project"  # how hidden matrices stay on the sphere: 'project' | 'geodesic' | 'geodesic_scaled'
+proj_every = 1  # lazy projection: renormalize every k steps ('project' only; embed/head follow it too)
+# evaluation, checkpoints
+eval_every = 250
+eval_tokens = 10 * 65536  # a fixed slice from the start of the val shard
+ckpt_every = 1000  # 0 = only at the end and on Ctrl-C
+stop_after_steps = 0  # > 0: checkpoint and exit after this many steps; --resume=1 continues
+save_checkpoint = 1  # 0: no ckpt.pt (the sweeps)
+resume = 0
+out_dir = "out/ngpt"
+# system
+device = "auto"  # auto = cuda if available, else cpu
+compile = 1  # torch.compile (CUDA only; ignored on CPU)
+num_threads = 0  # CPU threads for torch (0 = torch's default)
+seed = 1337
+# built-in experiments
+sweep = ""  # '' | 'lr' | 'proj_every' | 'update' | 'toggles'
+sweep_optimizers = ("muon", "adam")  # which optimizers a sweep covers (toggles: Muon only)
+sweep_muon_lrs = (0.001, 0.003, 0.01, 0.023, 0.05, 0.1)
+sweep_adam_lrs = (5e-4, 1.5e-3, 5e-3, 1.5e-2, 3e-2, 5e-2)
+sweep_proj_every = (1, 3, 5, 7, 10, 15, 20)
+# -----------------------------------------------------------------------------
+CONFIG = {k: v for k, v in dict(globals()).items()
+          if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str, tuple))}
+
+
+def parse_overrides(argv, defaults):
+    """--name=value overrides (values parsed as Python literals, else kept as strings), with the
+    type checked against the default so that a typo fails loudly instead of training the wrong model."""
+    cfg = dict(defaults)
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"bad argument {arg!r}: use --name=value, e.g. --muon_lr=0.01")
+        name, raw = arg[2:].split("=", 1)
+        if name not in cfg:
+            raise SystemExit(f"unknown setting {name!r}; known: {', '.join(sorted(cfg))}")
+        try:
+            value = literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        default = cfg[name]
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(default, int) and isinstance(value, float) and value.is_integer():
+            value = int(value)  # --eval_tokens=1e5
+        if isinstance(default, tuple) and isinstance(value, (int, float, str)):
+            value = tuple(value.split(",")) if isinstance(value, str) else (value,)  # --sweep_optimizers=muon
+        if type(value) is not type(default):
+            raise SystemExit(f"--{name}={raw}: expected a {type(default).__name__} like {default!r}")
+        cfg[name] = value
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# Data: llm.c / modded-nanogpt token shards
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+
+
+def read_shard(path):
+    """The uint16 tokens of one shard, memory-mapped, after checking the header and the size."""
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    if header.size < HEADER_INTS or header[0] != SHARD_MAGIC:
+        raise ValueError(f"{path} is not a token shard (magic {header[:1].tolist()} != {SHARD_MAGIC}); "
+                         "write shards with prepare_fineweb.py")
+    if header[1] != SHARD_VERSION:
+        raise ValueError(f"{path}: shard version {header[1]}, this script reads version {SHARD_VERSION}")
+    n = int(header[2])
+    expected = HEADER_INTS * 4 + 2 * n
+    if os.path.getsize(path) != expected:
+        raise ValueError(f"{path}: header says {n} tokens ({expected} bytes) but the file has "
+                         f"{os.path.getsize(path)} bytes; the shard is truncated, rewrite it")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
+
+
+def shard_paths(data_dir, pattern):
+    paths = sorted(glob.glob(os.path.join(data_dir, pattern)))
+    if not paths:
+        raise FileNotFoundError(f"no shards matching {pattern!r} in {data_dir!r}; create them with "
+                                f"`python prepare_fineweb.py` (see its --input for local text) or pass --data_dir=...")
+    return paths
+
+
+def build_vocab_map(paths, top):
+    """Lookup table token id -> new id: the top-1 most frequent ids in `paths` (the train shards,
+    so nothing is learned from val) get 0..top-2 by frequency, every other id maps to top-1."""
+    counts = np.zeros(65536, dtype=np.int64)
+    for p in paths:
+        counts += np.bincount(read_shard(p), minlength=65536)
+    keep = np.argsort(-counts, kind="stable")[:top - 1]
+    table = np.full(65536, top - 1, dtype=np.int64)
+    table[keep] = np.arange(top - 1)
+    return table
+
+
+class ShardLoader:
+    """Consecutive (batch, block_size) windows through the shards in order, wrapping around; the
+    state (shard index, position) is two ints, so a resumed run sees exactly the same batches."""
+
+    def __init__(self, paths, batch_size, block_size, vocab_map=None):
+        self.paths, self.B, self.T, self.vocab_map = paths, batch_size, block_size, vocab_map
+        self.shard, self.pos, self.tokens = 0, 0, read_shard(paths[0])
+        if len(self.tokens) < batch_size * block_size + 1:
+            raise ValueError(f"{paths[0]} has {len(self.tokens)} tokens, fewer than one batch "
+                             f"({batch_size} x {block_size} + 1); lower --batch_size or --block_size")
+
+    def state(self):
+        return dict(shard=self.shard, pos=self.pos)
+
+    def load_state(self, state):
+        self.shard, self.pos = state["shard"], state["pos"]
+        self.tokens = read_shard(self.paths[self.shard])
+
+    def next_batch(self):
+        n = self.B * self.T
+        if self.pos + n + 1 > len(self.tokens):
+            self.shard, self.pos = (self.shard + 1) % len(self.paths), 0
+            self.tokens = read_shard(self.paths[self.shard])
+        buf = np.asarray(self.tokens[self.pos:self.pos + n + 1], dtype=np.int64)
+        if self.vocab_map is not None:
+            buf = self.vocab_map[buf]
+        self.pos += n
+        buf = torch.from_numpy(buf)
+        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+
+
+# -----------------------------------------------------------------------------
+# The model: nGPT
+
+def unit(x, dim=-1):
+    """Scale to unit L2 norm along `dim` (nGPT's justnorm)."""
+    return F.normalize(x, dim=dim, eps=1e-12)
+
+
+class Scale(nn.Module):
+    """A learnable per-dimension scale in nGPT's parameterization: stored as `init_scaling` and
+    used as param * init_value / init_scaling, so the optimizer's step on it is rescaled by the same
+    factor (paper sec. 2.5) and one Adam LR suits alphas and logit scales alike."""
+
+    def __init__(self, size, init_value, init_scaling):
+        super().__init__()
+        self.multiplier = init_value / init_scaling
+        self.param = nn.Parameter(torch.full((size,), float(init_scaling)))
+
+    def forward(self):
+        return self.param * self.multiplier
+
+
+def rotary(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.n_head, self.head_dim = n_head, n_embd // n_head
+        self.q = nn.Linear(n_embd, n_embd, bias=False)
+        self.k = nn.Linear(n_embd, n_embd, bias=False)
+        self.v = nn.Linear(n_embd, n_embd, bias=False)
+        self.proj = nn.Linear(n_embd, n_embd, bias=False)
+        self.s_qk = Scale(n_embd, 1.0, n_embd ** -0.5)
+
+    def forward(self, h, cos, sin):
+        B, T, C = h.shape
+        q, k, v = (lin(h).view(B, T, self.n_head, self.head_dim).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        s_qk = self.s_qk().view(self.n_head, 1, self.head_dim)
+        # q, k on the unit sphere (after RoPE), so q.k is a cosine; s_qk and the sqrt(d_head)
+        # softmax scale (instead of 1/sqrt(d_head)) give the logits their range back
+        q, k = s_qk * unit(rotary(q, cos, sin)), s_qk * unit(rotary(k, cos, sin))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.head_dim ** 0.5)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    """SwiGLU; u and v are rescaled by s_uv * sqrt(n_embd) because their inputs are unit vectors
+    (as in NVIDIA/ngpt, both halves get the sqrt(d) factor)."""
+
+    def __init__(self, n_embd, hidden):
+        super().__init__()
+        self.fc = nn.Linear(n_embd, 2 * hidden, bias=False)
+        self.s_uv = Scale(2 * hidden, 1.0, 1.0)
+        self.proj = nn.Linear(hidden, n_embd, bias=False)
+
+    def forward(self, h):
+        u, v = (self.fc(h) * (self.s_uv() * h.size(-1) ** 0.5)).chunk(2, dim=-1)
+        return self.proj(u * F.silu(v))
+
+
+class Block(nn.Module):
+    """h <- norm(h + |alpha| * (norm(block(h)) - h)): a step from h towards the block's suggestion
+    on the sphere, with a learned per-dimension step size alpha (effective init 0.05)."""
+
+    def __init__(self, n_embd, n_head, hidden):
+        super().__init__()
+        self.attn = Attention(n_embd, n_head)
+        self.mlp = MLP(n_embd, hidden)
+        self.alpha_attn = Scale(n_embd, 0.05, n_embd ** -0.5)
+        self.alpha_mlp = Scale(n_embd, 0.05, n_embd ** -0.5)
+
+    def forward(self, h, cos, sin):
+        h = unit(h + self.alpha_attn().abs() * (unit(self.attn(h, cos, sin)) - h))
+        return unit(h + self.alpha_mlp().abs() * (unit(self.mlp(h)) - h))
+
+
+class NGPT(nn.Module):
+    """No norm layers: embeddings, head rows and every matrix are unit vectors along n_embd
+    (see sphere_dims), hidden states live on the sphere, logits are cosines times s_z."""
+
+    def __init__(self, vocab_size, n_layer=12, n_embd=768, n_head=6, block_size=1024, mlp_ratio=4):
+        super().__init__()
+        if n_embd % n_head or (n_embd // n_head) % 2:
+            raise ValueError(f"n_embd={n_embd} must split into n_head={n_head} heads of even size (RoPE)")
+        self.embed = nn.Embedding(vocab_size, n_embd)
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, mlp_ratio * n_embd) for _ in range(n_layer))
+        self.head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.s_z = Scale(vocab_size, 1.0, n_embd ** -0.5)
+        head_dim = n_embd // n_head
+        freqs = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), freqs)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+        for p, _ in self.sphere_params():
+            nn.init.normal_(p, std=n_embd ** -0.5)
+        self.normalize_()
+
+    def sphere_params(self):
+        """(parameter, dim) for every matrix kept on the sphere. Weights are (out, in): q, k, v,
+        the MLP input, embedding and head rows are unit along their input/n_embd dim (-1); the
+        attention and MLP output projections map into n_embd, so their columns are (-2)."""
+        out = []
+        for name, p in self.named_parameters():
+            if p.ndim == 2:
+                out.append((p, -2 if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else -1))
+        return out
+
+    @torch.no_grad()
+    def normalize_(self):
+        for p, dim in self.sphere_params():
+            p.copy_(unit(p, dim))
+
+    def forward(self, idx, targets=None):
+        T = idx.size(1)
+        h = self.embed(idx)
+        for block in self.blocks:
+            h = block(h, self.cos[:T], self.sin[:T])
+        logits = self.head(h) * self.s_z()
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+# -----------------------------------------------------------------------------
+# Optimizer: Muon or Adam on the matrices, always with a sphere retraction
+
+def param_groups(model, cfg):
+    """hidden matrices (Muon or Adam, with cfg's sphere mode), split by sphere_dim; embedding and
+    head (Adam, projected); alphas and scales (Adam, unconstrained). No weight decay on the
+    sphere-free scalars."""
+    dims = {id(p): d for p, d in model.sphere_params()}
+    embed_head = [model.embed.weight, model.head.weight]
+    special = {id(p) for p in embed_head}
+    rows = [p for p in model.parameters() if dims.get(id(p)) == -1 and id(p) not in special]
+    cols = [p for p in model.parameters() if dims.get(id(p)) == -2]
+    scalars = [p for p in model.parameters() if id(p) not in dims]
+    adam = dict(use_muon=False, lr=cfg["adam_lr"], betas=tuple(cfg["adam_betas"]), eps=cfg["adam_eps"])
+    if cfg["optimizer"] == "muon":
+        hidden = dict(use_muon=True, lr=cfg["muon_lr"], momentum=cfg["muon_momentum"], ns_method=cfg["ns_method"],
+                      normuon=cfg["normuon"] or None, weight_decay=cfg["weight_decay"], cautious_wd=cfg["cautious_wd"])
+    elif cfg["optimizer"] == "adam":
+        hidden = dict(adam, weight_decay=cfg["weight_decay"], cautious_wd=cfg["cautious_wd"])
+    else:
+        raise ValueError(f"unknown optimizer {cfg['optimizer']!r}; choose 'muon' or 'adam'")
+    on_sphere = dict(sphere=cfg["sphere"], proj_every=cfg["proj_every"])
+    groups = [dict(params=rows, name="hidden_rows", sphere_dim=-1, **on_sphere, **hidden),
+              dict(params=cols, name="hidden_cols", sphere_dim=-2, **on_sphere, **hidden),
+              dict(params=embed_head, name="embed_head", sphere="project", sphere_dim=-1,
+                   proj_every=cfg["proj_every"], **adam),
+              dict(params=scalars, name="scalars", **adam)]
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    return groups
+
+
+def lr_factor(step, max_steps, cooldown_frac):
+    """1 until the last cooldown_frac of training, then linear to 0 (no warmup)."""
+    warmdown = int(cooldown_frac * max_steps)
+    if step < max_steps - warmdown:
+        return 1.0
+    return max(0.0, (max_steps - step) / max(1, warmdown))
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+def atomic_save(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate(model, tokens, batch_size, block_size, device, vocab_map, autocast):
+    """Mean loss over the first len(tokens) // (batch*seq) full batches of the val tokens."""
+    model.eval()
+    n = batch_size * block_size
+    losses = []
+    for i in range(0, len(tokens) - n, n):
+        buf = np.asarray(tokens[i:i + n + 1], dtype=np.int64)
+        if vocab_map is not None:
+            buf = vocab_map[buf]
+        buf = torch.from_numpy(buf).to(device)
+        with autocast:
+            _, loss = model(buf[:-1].view(batch_size, block_size), buf[1:].view(batch_size, block_size))
+        losses.append(loss.item())
+    model.train()
+    return float(np.mean(losses))
+
+
+def check_config(cfg):
+    if cfg["sphere"] not in ("project", "geodesic", "geodesic_scaled"):
+        raise ValueError(f"--sphere={cfg['sphere']!r}: choose 'project', 'geodesic' or 'geodesic_scaled'")
+    if cfg["vocab_top"] and not 2 <= cfg["vocab_top"] <= 65536:
+        raise ValueError(f"--vocab_top={cfg['vocab_top']}: use 0 (full vocab) or a size in 2..65536")
+    if cfg["proj_every"] < 1:
+        raise ValueError(f"--proj_every={cfg['proj_every']}: must be >= 1 (1 = project after every step)")
+    if cfg["proj_every"] > 1 and cfg["sphere"] != "project":
+        raise ValueError("--proj_every > 1 is lazy projection and needs --sphere=project "
+                         "(the geodesic steps stay on the sphere by construction)")
+    if cfg["ns_method"] not in ("newton_schulz", "polar_express", "gram_newton_schulz"):
+        raise ValueError(f"--ns_method={cfg['ns_method']!r}: choose 'newton_schulz' or 'polar_express'")
+
+
+def rng_state():
+    state = dict(torch=torch.get_rng_state(), numpy=np.random.get_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def run_label(cfg):
+    return f"ngpt-{cfg['optimizer']}"
+
+
+def train(cfg, progress=True):
+    """Train one nGPT with `cfg` (a dict of the constants above). Returns the metrics dict, also written
+    to out_dir/metrics.json with loss.png (and ckpt.pt unless save_checkpoint=0). The layout follows
+    train_muon.py: metrics["runs"][label] holds "train" and "val" lists of {step, loss, time, ...}."""
+    check_config(cfg)
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"])
+    if cfg["num_threads"]:
+        torch.set_num_threads(cfg["num_threads"])
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    train_paths = shard_paths(cfg["data_dir"], cfg["train_files"])
+    val_paths = shard_paths(cfg["data_dir"], cfg["val_files"])
+    vocab_map, vocab_size = None, cfg["vocab_size"]
+    if cfg["vocab_top"]:
+        vocab_map, vocab_size = build_vocab_map(train_paths, cfg["vocab_top"]), cfg["vocab_top"]
+    loader = ShardLoader(train_paths, cfg["batch_size"], cfg["block_size"], vocab_map)
+    val = read_shard(val_paths[0])[:cfg["eval_tokens"] + 1]
+    if len(val) < cfg["batch_size"] * cfg["block_size"] + 1:
+        raise ValueError(f"the val slice has {len(val)} tokens, less than one batch; raise eval_tokens or "
+                         f"lower batch_size/block_size")
+    top_id = int(vocab_map[np.asarray(val)].max()) if vocab_map is not None else int(np.max(val))
+    if top_id >= vocab_size:
+        raise ValueError(f"the data holds token id {top_id} but vocab_size={vocab_size}; raise --vocab_size "
+                         f"(50304 for GPT-2 tokens) or use --vocab_top=N")
+    torch.manual_seed(cfg["seed"])
+    model = NGPT(vocab_size, cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["block_size"], cfg["mlp_ratio"]).to(dev)
+    opt = Muon(param_groups(model, cfg), distributed=False)
+    label = run_label(cfg)
+    tokens_per_step = cfg["batch_size"] * cfg["block_size"] * cfg["grad_accum_steps"]
+    metrics = dict(config=cfg, tokens_per_step=tokens_per_step, device=str(dev), vocab_size=vocab_size,
+                   num_params=sum(p.numel() for p in model.parameters()), runs={label: dict(train=[], val=[])})
+    run = metrics["runs"][label]
+    step, train_time = 0, 0.0
+    if cfg["resume"]:
+        if not os.path.exists(ckpt_path):
+            raise FileNotFoundError(f"--resume=1 but there is no checkpoint at {ckpt_path}; train first or fix --out_dir")
+        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        model.load_state_dict(ckpt["runs"][label]["model"])
+        opt.load_state_dict(ckpt["runs"][label]["optimizer"])
+        train_time = ckpt["runs"][label]["train_time"]
+        loader.load_state(ckpt["loader"])
+        set_rng_state(ckpt["rng"])
+        metrics["runs"] = ckpt["metrics"]["runs"]
+        run, step = metrics["runs"][label], ckpt["step"]
+        del ckpt
+    fwd = torch.compile(model) if cfg["compile"] and dev.type == "cuda" else model
+
+    def save_checkpoint():
+        if cfg["save_checkpoint"]:
+            atomic_save(dict(step=step, config=cfg, loader=loader.state(), rng=rng_state(), metrics=metrics,
+                             runs={label: dict(model=model.state_dict(), optimizer=opt.state_dict(),
+                                               train_time=train_time)}), ckpt_path)
+
+    def save_metrics():
+        atomic_write_json(metrics, os.path.join(cfg["out_dir"], "metrics.json"))
+
+    def run_eval():
+        loss = evaluate(model, val, cfg["batch_size"], cfg["block_size"], dev, vocab_map, autocast)
+        run["val"].append(dict(step=step, loss=loss, time=train_time, tokens=step * tokens_per_step))
+        save_metrics()
+        return loss
+
+    bar = tqdm(total=cfg["max_steps"], initial=step, disable=not progress, desc=cfg["out_dir"], dynamic_ncols=True)
+    loader_state, updating = loader.state(), False
+    try:
+        while step < cfg["max_steps"]:
+            if step % cfg["eval_every"] == 0 and not (run["val"] and run["val"][-1]["step"] == step):
+                bar.set_postfix(val=f"{run_eval():.3f}")
+            loader_state = loader.state()  # where this step's batches start: what a Ctrl-C checkpoint records
+            t0 = time.perf_counter()
+            lr_mult = lr_factor(step, cfg["max_steps"], cfg["cooldown_frac"])
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * lr_mult
+            loss_sum = torch.zeros((), device=dev)
+            for _ in range(cfg["grad_accum_steps"]):
+                x, y = loader.next_batch()
+                with autocast:
+                    _, loss = fwd(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
+                (loss / cfg["grad_accum_steps"]).backward()
+                loss_sum += loss.detach()
+            loss_value = loss_sum.item() / cfg["grad_accum_steps"]
+            if not math.isfinite(loss_value):  # stop before the step: the last checkpoint stays good
+                run["diverged"] = True
+                save_metrics()
+                tqdm.write(f"{cfg['out_dir']}: non-finite training loss ({loss_value}) at step {step + 1}; stopping "
+                           f"without applying it (the last checkpoint is kept). Lower the learning rate.")
+                break
+            updating = True  # a Ctrl-C inside opt.step would leave a half-updated model: that is not saved
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            updating, step = False, step + 1
+            dt = time.perf_counter() - t0
+            train_time += dt
+            run["train"].append(dict(step=step, loss=loss_value, lr=lr_mult, tok_s=tokens_per_step / dt, time=train_time))
+            bar.update(1)
+            if cfg["stop_after_steps"] and step >= cfg["stop_after_steps"] and step < cfg["max_steps"]:
+                save_checkpoint()
+                save_metrics()
+                tqdm.write(f"stopped at step {step}; checkpoint {ckpt_path}; continue with --resume=1")
+                return metrics
+            if cfg["ckpt_every"] and step % cfg["ckpt_every"] == 0:
+                save_checkpoint()
+    except KeyboardInterrupt:
+        if not updating:
+            loader.load_state(loader_state)
+            save_checkpoint()
+            save_metrics()
+            tqdm.write(f"interrupted at step {step}; checkpoint {ckpt_path}; continue with --resume=1")
+        raise
+    finally:
+        bar.close()
+    if not run.get("diverged"):
+        run_eval()
+        save_checkpoint()
+    vals = [p["loss"] for p in run["val"]]
+    run.update(diverged=bool(run.get("diverged")), final_val_loss=vals[-1] if not run.get("diverged") else float("nan"),
+               best_val_loss=min(vals), train_time=train_time,
+               tok_s=step * tokens_per_step / max(train_time, 1e-9))
+    metrics["finished"] = True
+    save_metrics()
+    plot_losses(metrics["runs"], os.path.join(cfg["out_dir"], "loss.png"), f"nGPT ({cfg['optimizer']})")
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# Plots and sweeps
+
+def plot_losses(runs, path, title, sweep_axis=None):
+    """Left: train (thin) and validation (markers) loss per run against step. Right: validation loss
+    against training time, or with sweep_axis=(name, {group: [(x, final val loss)]}) the sweep's
+    final validation loss against the swept value."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (label, run) in enumerate(runs.items()):
+        color = f"C{i % 10}"
+        if run["train"] and not sweep_axis:  # many runs: validation only, the train curves would hide them
+            ax1.plot([p["step"] for p in run["train"]], [p["loss"] for p in run["train"]], color=color, alpha=0.25, lw=0.7)
+        if run["val"]:
+            ax1.plot([p["step"] for p in run["val"]], [p["loss"] for p in run["val"]], "o-", color=color, ms=3,
+                     label=f"{label} (val {run['val'][-1]['loss']:.3f})")
+            if not sweep_axis:
+                ax2.plot([p["time"] for p in run["val"]], [p["loss"] for p in run["val"]], "o-", color=color, ms=3,
+                         label=label)
+    vals = [p["loss"] for r in runs.values() for p in r["val"] if math.isfinite(p["loss"])]
+    if vals:  # zoom on the interesting part: the first eval (ln vocab) dwarfs the rest
+        lo, hi = min(vals), sorted(vals)[len(vals) // 2]
+        ax1.set_ylim(lo - 0.1 * (hi - lo) - 0.05, hi + 0.6 * (hi - lo) + 0.1)
+        if not sweep_axis:
+            ax2.set_ylim(*ax1.get_ylim())
+    ax1.set(xlabel="step", ylabel="loss", title=f"{title}: validation loss" if sweep_axis else
+            f"{title}: train (thin) and validation loss")
+    if sweep_axis:
+        name, series = sweep_axis
+        for group, points in series.items():
+            xs, ys = zip(*points)
+            ax2.plot(xs, ys, "o-", label=group)
+        if name == "learning rate":
+            ax2.set_xscale("log")
+        ax2.set(xlabel=name, ylabel="final validation loss", title=f"final validation loss vs {name}")
+    else:
+        ax2.set(xlabel="training time (s, excluding eval)", ylabel="validation loss", title="validation loss vs time")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def sweep_settings(name, cfg):
+    """[(group, label, x, overrides)] for the built-in sweeps, for each optimizer in sweep_optimizers;
+    every run starts from the same init (seed) and sees the same batches."""
+    out = []
+    for o in cfg["sweep_optimizers"]:
+        if o not in ("muon", "adam"):
+            raise SystemExit(f"--sweep_optimizers={cfg['sweep_optimizers']!r}: use muon and/or adam")
+        if name == "lr":
+            key, values = ("muon_lr", cfg["sweep_muon_lrs"]) if o == "muon" else ("adam_lr", cfg["sweep_adam_lrs"])
+            out += [(o, f"{o} lr={v:g}", v, {"optimizer": o, key: v}) for v in values]
+        elif name == "proj_every":
+            out += [(o, f"{o} proj_every={k}", k, dict(optimizer=o, sphere="project", proj_every=k))
+                    for k in cfg["sweep_proj_every"]]
+        elif name == "update":
+            out += [(o, f"{o} {m}", i, dict(optimizer=o, sphere=m, proj_every=1))
+                    for i, m in enumerate(("project", "geodesic", "geodesic_scaled"))]
+        elif name == "toggles":  # which modded-nanogpt additions carry over to Muon on the sphere
+            if o != "muon":
+                continue
+            wd = cfg["weight_decay"] or 0.1
+            toggles = [("NS5 (baseline)", {}), ("polar_express", dict(ns_method="polar_express")),
+                       ("normuon", dict(normuon=0.95)), (f"wd={wd:g}", dict(weight_decay=wd, cautious_wd=0)),
+                       (f"cautious wd={wd:g}", dict(weight_decay=wd, cautious_wd=1))]
+            plain = dict(optimizer="muon", ns_method="newton_schulz", normuon=0.0, weight_decay=0.0, cautious_wd=0)
+            out += [(o, f"muon {t}", i, dict(plain, **extra)) for i, (t, extra) in enumerate(toggles)]
+        else:
+            raise SystemExit(f"unknown --sweep={name!r}; choose lr, proj_every, update or toggles")
+    return out
+
+
+def find_finished_run(root, run_cfg):
+    """The metrics of a finished run with the same settings (out_dir aside) in any sweep under root:
+    an interrupted sweep continues where it stopped, and sweeps share runs (proj_every=1 at the best
+    lr is the lr sweep's run)."""
+    def settings(cfg):  # what can change the run: not out_dir, and not the Muon knobs of an Adam run
+        unused = ("out_dir",) + (("muon_lr", "muon_momentum", "ns_method", "normuon") if cfg["optimizer"] == "adam" else ())
+        return json.loads(json.dumps({k: v for k, v in cfg.items() if k not in unused}))
+
+    want = settings(run_cfg)
+    for path in sorted(glob.glob(os.path.join(root, "sweep_*", "*", "metrics.json"))):
+        with open(path) as f:
+            m = json.load(f)
+        if m.get("finished") and settings(m["config"]) == want:
+            return m
+    return None
+
+
+def run_sweep(cfg):
+    """Train every setting of the sweep (reusing finished runs with the same settings, see
+    find_finished_run), then write results.json and a PNG, and print the best setting per optimizer."""
+    name, root = cfg["sweep"], os.path.join(cfg["out_dir"], f"sweep_{cfg['sweep']}")
+    runs, results = {}, []
+    for group, label, x, overrides in sweep_settings(name, cfg):
+        run_cfg = {k: v for k, v in cfg.items() if not k.startswith("sweep")}  # so runs are shared across lists
+        run_cfg.update(overrides, sweep="", resume=0, save_checkpoint=0, stop_after_steps=0,
+                       out_dir=os.path.join(root, label.replace(" ", "_").replace("=", "")))
+        m = find_finished_run(cfg["out_dir"], run_cfg)
+        if m is None:
+            m = train(run_cfg)
+        elif m["config"]["out_dir"] != run_cfg["out_dir"]:
+            print(f"{label}: same settings as the finished run in {m['config']['out_dir']}, reusing it")
+        r = runs[label] = m["runs"][run_label(run_cfg)]
+        results.append(dict(group=group, label=label, x=x, overrides=overrides, final_val_loss=r["final_val_loss"],
+                            best_val_loss=r["best_val_loss"], diverged=r["diverged"], train_time=r["train_time"],
+                            val=r["val"]))
+        print(f"{label:>28}: final val {r['final_val_loss']:.4f}, {r['train_time']:.0f} s"
+              + ("  (diverged)" if r["diverged"] else ""))
+    best = {}
+    for r in results:
+        if math.isfinite(r["final_val_loss"]) and (r["group"] not in best
+                                                   or r["final_val_loss"] < best[r["group"]]["final_val_loss"]):
+            best[r["group"]] = r
+    for group, r in best.items():
+        print(f"best {group}: {r['label']} -> val loss {r['final_val_loss']:.4f}")
+    atomic_write_json(dict(sweep=name, config=cfg, runs=results,
+                           best={g: dict(label=r["label"], overrides=r["overrides"], final_val_loss=r["final_val_loss"])
+                                 for g, r in best.items()}), os.path.join(root, "results.json"))
+    series = {}
+    for r in results:
+        series.setdefault(r["group"], []).append((r["x"], r["final_val_loss"]))
+    axis = (dict(lr="learning rate", proj_every="proj_every", update="update (0 project, 1 geodesic, "
+                 "2 geodesic_scaled)", toggles="toggle (0 NS5, 1 PE, 2 NorMuon, 3 wd, 4 cautious wd)")[name], series)
+    plot_losses(runs, os.path.join(root, f"sweep_{name}.png"), f"nGPT sweep {name}", axis)
+    print(f"wrote {root}/results.json and {root}/sweep_{name}.png")
+    return results, best
+
+
+if __name__ == "__main__":
+    config = parse_overrides(sys.argv[1:], CONFIG)
+    if config["sweep"]:
+        run_sweep(config)
+    else:
+        r = train(config)["runs"][run_label(config)]
+        if r.get("final_val_loss") is not None:
+            print(f"final val loss {r['final_val_loss']:.4f} after {r['train'][-1]['step']} steps "
+                  f"({r['tok_s']:,.0f} tok/s, {r['train_time']:.0f} s); wrote {config['out_dir']}/metrics.json, loss.png")
