@@ -1,0 +1,201 @@
+"""Tests for model_tiny.py and train_grokking.py (fast: tiny p, few steps)."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import train_grokking as tg  # noqa: E402
+from model_tiny import TinyConfig, TinyTransformer  # noqa: E402
+
+
+def answers(task, p):
+    """{(x, y): answer} from the dataset tensors."""
+    X, Y = tg.make_dataset(task, p)
+    return {(int(r[0]), int(r[2])): int(a) for r, a in zip(X, Y)}
+
+
+def test_task_tables_spot_values_and_sizes():
+    p = 7
+    sizes = {t: len(tg.make_dataset(t, p)[0]) for t in tg.TASKS}
+    assert sizes == {"add": 49, "sub": 49, "mul": 49, "div": 42, "x2y2": 49, "x2xyy2": 49, "x3xy": 49}
+    assert answers("add", p)[(5, 4)] == 2
+    assert answers("sub", p)[(2, 5)] == 4
+    assert answers("mul", p)[(3, 5)] == 1
+    assert answers("div", p)[(1, 3)] == 5  # 3 * 5 = 15 = 1 mod 7
+    assert answers("div", p)[(6, 2)] == 3
+    assert answers("x2y2", p)[(3, 4)] == (9 + 16) % 7
+    assert answers("x2xyy2", p)[(2, 3)] == (4 + 6 + 9) % 7
+    assert answers("x3xy", p)[(2, 5)] == (8 + 10) % 7
+    for p in (11, 13):  # every division answer a satisfies a * y = x (mod p), and y = 0 never appears
+        table = answers("div", p)
+        assert len(table) == p * (p - 1)
+        assert all(y != 0 and (a * y) % p == x for (x, y), a in table.items())
+    assert torch.equal(tg.modular_inverse(torch.arange(1, 97), 97) * torch.arange(1, 97) % 97, torch.ones(96).long())
+
+
+def test_inputs_are_x_op_y_eq_and_never_contain_the_answer():
+    p = 11
+    for t in tg.TASKS:
+        X, Y = tg.make_dataset(t, p)
+        assert X.shape[1] == 4
+        assert (X[:, 1] == p).all() and (X[:, 3] == p + 1).all()  # op and '=' tokens lie outside 0..p-1
+        assert (X[:, [0, 2]] < p).all() and (Y < p).all() and (Y >= 0).all()
+        # the answer is a function of (x, y) only; no position carries it (a leak would make a
+        # column equal to the answer for every example)
+        for col in range(4):
+            assert not torch.equal(X[:, col], Y)
+
+
+def test_split_disjoint_covering_and_seed_stable():
+    a_tr, a_va = tg.split_indices(100, 0.3, seed=5)
+    b_tr, b_va = tg.split_indices(100, 0.3, seed=5)
+    c_tr, _ = tg.split_indices(100, 0.3, seed=6)
+    assert len(a_tr) == 30 and len(a_va) == 70
+    assert set(a_tr.tolist()).isdisjoint(a_va.tolist())
+    assert sorted(a_tr.tolist() + a_va.tolist()) == list(range(100))
+    assert torch.equal(a_tr, b_tr) and torch.equal(a_va, b_va)
+    assert not torch.equal(a_tr, c_tr)
+    with pytest.raises(ValueError, match="train_frac"):
+        tg.split_indices(100, 1.0, seed=0)
+
+
+def test_batch_sequence_is_seed_stable():
+    s1, s2 = tg.batch_sequence(50, 16, 3), tg.batch_sequence(50, 16, 3)
+    for _ in range(10):
+        assert torch.equal(next(s1), next(s2))
+
+
+@pytest.mark.parametrize("prenorm", [False, True])
+def test_causal_mask_and_last_position_shortcut(prenorm):
+    torch.manual_seed(0)
+    model = TinyTransformer(TinyConfig(vocab_size=13, n_classes=11, prenorm=prenorm)).eval()
+    idx = torch.randint(0, 13, (8, 4))
+    changed = idx.clone()
+    changed[:, 3] = (changed[:, 3] + 1) % 13  # change only the last token
+    with torch.no_grad():
+        out_a, out_b = model.forward_all(idx), model.forward_all(changed)
+        assert torch.allclose(out_a[:, :3], out_b[:, :3], atol=1e-6)  # earlier positions cannot see it
+        assert not torch.allclose(out_a[:, 3], out_b[:, 3], atol=1e-4)  # the last one does
+        changed2 = idx.clone()
+        changed2[:, 1] = (changed2[:, 1] + 1) % 13
+        out_c = model.forward_all(changed2)
+        assert torch.allclose(out_a[:, :1], out_c[:, :1], atol=1e-6)
+        assert torch.allclose(model(idx), out_a[:, -1], atol=1e-5)  # forward() computes only the last position
+
+
+def test_param_count_near_nanugpt_prime223():
+    n = TinyTransformer(TinyConfig(vocab_size=225, n_classes=223)).num_params()
+    assert 0.44e6 < n < 0.47e6  # nanuGPT prime223: 457,578
+
+
+def test_bad_inputs_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="prime"):
+        tg.make_dataset("div", 12)
+    with pytest.raises(ValueError, match="unknown task"):
+        tg.make_dataset("pow", 11)
+    cfg = tg.parse_overrides([f"--out_dir={tmp_path}", "--task=divide"], {k: getattr(tg, k) for k in tg.CONFIG_KEYS})
+    with pytest.raises(ValueError, match="unknown task 'divide'"):
+        tg.main(cfg)
+    cfg = tg.parse_overrides(["--seeds=0,1", "--tune_seeds=1,2", "--tune_lrs_adamw=1e-3", f"--out_dir={tmp_path}"],
+                             {k: getattr(tg, k) for k in tg.CONFIG_KEYS})
+    with pytest.raises(ValueError, match="overlap"):
+        tg.main(cfg)
+    with pytest.raises(SystemExit, match="unknown option --lr"):
+        tg.parse_overrides(["--lr=3"], {k: getattr(tg, k) for k in tg.CONFIG_KEYS})
+
+
+def test_overrides_parse_types():
+    cfg = tg.parse_overrides(["--seeds=0,1,2", "--lr_muon=1e-2", "--max_steps=5", "--prenorm=True", "--task=add"],
+                             {k: getattr(tg, k) for k in tg.CONFIG_KEYS})
+    assert cfg["seeds"] == "0,1,2" and cfg["lr_muon"] == 0.01 and cfg["max_steps"] == 5 and cfg["prenorm"] is True
+    assert tg.parse_list(cfg["seeds"], int, "seeds") == [0, 1, 2]
+
+
+def test_short_run_memorizes_and_writes_results(tmp_path):
+    """Both optimizers, same init and batches, p=11: training accuracy must reach 100%."""
+    torch.set_num_threads(1)
+    cfg = tg.parse_overrides(["--p=11", "--task=add", "--train_frac=0.5", "--max_steps=150", "--eval_every=10",
+                              "--batch_size=32", "--seeds=0", "--threads=1", "--stop_on_grok=False",
+                              "--d_model=64", "--n_head=2", "--d_mlp=128",
+                              f"--out_dir={tmp_path}"], {k: getattr(tg, k) for k in tg.CONFIG_KEYS})
+    out = tg.main(cfg)
+    runs = out["runs"]
+    assert [r["optimizer"] for r in runs] == ["adamw", "muon"]
+    fields = {"task", "p", "train_frac", "optimizer", "lr", "seed", "memorize_step", "grok_step", "steps_run",
+              "final_train_acc", "final_val_acc", "wall_s"}
+    for r in runs:
+        assert fields <= set(r)
+        assert r["final_train_acc"] == 1.0 and r["memorize_step"] is not None
+        assert r["steps_run"] == 150 and r["p"] == 11
+        assert r["grok_step"] is None or r["grok_step"] <= 150
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    assert saved["runs"][0]["optimizer"] == "adamw" and fields <= set(saved["runs"][1])
+    assert (tmp_path / "grokking.png").stat().st_size > 1000
+    for r in runs:  # per-run curves and checkpoints
+        with open(tmp_path / "runs" / f"{r['name']}.json") as f:
+            curve = json.load(f)["curve"]
+        assert curve["step"][0] == 0 and curve["step"][-1] == 150 and len(curve["val_acc"]) == 16
+        ckpt = torch.load(tmp_path / "ckpt" / f"{r['name']}.pt", weights_only=False)
+        assert ckpt["step"] == 150 and "model" in ckpt and "optimizer" in ckpt
+    # the two optimizers started from the same weights: same first evaluation
+    a, m = (json.load(open(tmp_path / "runs" / f"{r['name']}.json"))["curve"] for r in runs)
+    assert a["val_loss"][0] == m["val_loss"][0]
+    # a finished run is reused, not retrained
+    again = tg.main(cfg)
+    assert [r["wall_s"] for r in again["runs"]] == [r["wall_s"] for r in runs]
+
+
+def test_study_summary_counts_censored_runs():
+    def rec(opt, seed, step):
+        return dict(task="add", optimizer=opt, seed=seed, grok_step=step, max_steps=1000, lr=1.0, memorize_step=5)
+    records = [rec("adamw", s, st) for s, st in enumerate([400, 600, None])] + \
+              [rec("muon", s, st) for s, st in enumerate([100, 150, 200])]
+    s = tg.summarize(records, ["add"], ["adamw", "muon"])
+    row = s["per_task"]["add"]
+    assert row["adamw"]["grokked"] == 2 and row["adamw"]["n"] == 3
+    assert row["adamw"]["steps"] == [400, 600, 1000]  # censored counted at max_steps, not dropped
+    assert row["muon"]["speedup"] == pytest.approx(600 / 150)
+    lo, hi = row["muon"]["speedup_ci95"]
+    assert lo <= 4.0 <= hi
+    assert row["muon"]["welch"]["p"] < 0.2
+
+
+def test_ctrl_c_saves_checkpoint_and_partial_results(tmp_path):
+    """A real SIGINT (what Ctrl-C sends) during training: checkpoint written, results.json marked interrupted."""
+    import signal
+    import threading
+    torch.set_num_threads(1)
+    cfg = tg.parse_overrides(["--p=11", "--task=add", "--optimizers=adamw", "--max_steps=1000000", "--batch_size=16",
+                              "--d_model=32", "--n_head=2", "--d_mlp=64", "--threads=1", "--stop_on_grok=False",
+                              f"--out_dir={tmp_path}"], {k: getattr(tg, k) for k in tg.CONFIG_KEYS})
+    tg.train_run(dict(cfg, max_steps=2, out_dir=str(tmp_path / "warmup")), "add", "adamw", 3e-3, 0, show_bar=False)
+    timer = threading.Timer(2.0, signal.raise_signal, args=(signal.SIGINT,))  # after torch's lazy imports
+    timer.start()
+    with pytest.raises(SystemExit) as exc:
+        tg.main(cfg)
+    timer.cancel()
+    assert exc.value.code == 130
+    ckpt = torch.load(tmp_path / "ckpt" / "add_adamw_lr0.003_seed0.pt", weights_only=False)
+    assert 0 < ckpt["step"] < 1000000 and "model" in ckpt and "optimizer" in ckpt
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    assert saved["interrupted"] is True and saved["runs"] == []  # the interrupted run is not reported as finished
+    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path / "ckpt"))
+
+
+def test_muon_run_puts_only_hidden_matrices_in_muon():
+    model = TinyTransformer(TinyConfig(vocab_size=13, n_classes=11))
+    opt = tg.make_optimizer("muon", model, {k: getattr(tg, k) for k in tg.CONFIG_KEYS}, lr=0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in opt.param_groups if g["use_muon"] for p in g["params"]}
+    adam = {names[id(p)] for g in opt.param_groups if not g["use_muon"] for p in g["params"]}
+    assert muon == {f"blocks.{i}.{w}" for i in range(2) for w in
+                    ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.fc.weight", "mlp.proj.weight")}
+    assert {"tok_emb.weight", "pos_emb.weight", "head.weight", "head.bias"} <= adam
+    assert len(muon) + len(adam) == len(list(model.parameters()))

@@ -1,0 +1,613 @@
+"""
+train_grokking.py -- grokking on modular arithmetic, AdamW vs Muon, from the same initialization
+and the same batches.
+
+    python train_grokking.py                                   # default run: div mod 97, both optimizers
+    python train_grokking.py --task=all --seeds=0,1,2,3,4      # study mode: 7 tasks x 5 seeds
+    python train_grokking.py --task=all --seeds=0,1,2,3,4 --tune_seeds=100 \\
+        --tune_lrs_adamw=1e-3,3e-3 --tune_lrs_muon=0.02,0.05   # fair tuning: pick LRs on seed 100, report 0-4
+
+A run trains until validation accuracy reaches `threshold` (it has "grokked") or `max_steps`; a run
+that never groks is reported as censored at max_steps, never dropped. Outputs in out_dir:
+results.json (one record per run + the study summary), runs/<run>.json (record + curves),
+ckpt/<run>.pt (model + optimizer + step, written atomically, also on Ctrl-C), grokking.png and,
+in study mode, grokking_study.png.
+
+Every constant below can be overridden as --name=value.
+"""
+import json
+import math
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from ast import literal_eval
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model_tiny import TinyConfig, TinyTransformer
+from muon_optim import Muon, muon_param_groups
+
+# -----------------------------------------------------------------------------
+# config (override with --name=value)
+task = "div"  # add | sub | mul | div | x2y2 | x2xyy2 | x3xy | all | a comma list
+p = 97  # the modulus (prime for div)
+train_frac = 0.5  # fraction of all (x, y) pairs used for training; the rest is validation
+optimizers = "adamw,muon"
+seeds = "0"  # comma list; a seed fixes the split, the initialization and the batch order
+max_steps = 3000
+batch_size = 512
+eval_every = 20  # full train + val evaluation every this many steps (the grok-step resolution)
+threshold = 0.99  # memorized: train acc >= threshold; grokked: val acc >= threshold (0.95 also recorded)
+stop_on_grok = True  # end a run at its grok step (saves compute in studies)
+warmup_steps = 10  # linear LR warmup, as in Power et al.
+lr_adamw = 3e-3  # AdamW on every parameter (Power et al.: 1e-3, betas (0.9, 0.98), wd 1)
+weight_decay = 1.0  # AdamW decoupled weight decay (also for the AdamW groups of the Muon run)
+adam_beta2 = 0.98
+lr_muon = 0.05  # Muon on the hidden matrices (attention and MLP weights)
+weight_decay_muon = 0.5  # Muon's decoupled weight decay: W <- W * (1 - lr_muon * weight_decay_muon)
+lr_muon_aux = 1e-2  # the Muon run's AdamW lr for embeddings, head, norms and biases
+ns_method = "newton_schulz"  # newton_schulz | polar_express | gram_newton_schulz
+momentum_muon = 0.95
+n_layer = 2
+d_model = 128
+n_head = 4
+d_mlp = 512
+prenorm = False
+tune_lrs_adamw = ""  # fair tuning: comma list of lr_adamw values tried on tune_seeds ...
+tune_lrs_muon = ""  # ... and of lr_muon values; the best (lowest mean grok step) is used on `seeds`
+tune_seeds = ""  # must be disjoint from `seeds`
+jobs = 1  # runs in parallel processes (each with 1 thread); 1: in this process, live tqdm per run
+threads = 0  # torch threads for jobs=1; 0: all cores
+resume = True  # reuse finished runs found in out_dir/runs with the same settings
+save_checkpoints = True
+out_dir = "out/grokking"
+device = "auto"  # auto | cpu | cuda
+# -----------------------------------------------------------------------------
+CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+TASKS = {  # name -> (answer as a function of integer tensors x, y and the modulus, op token text)
+    "add": (lambda x, y, p: (x + y) % p, "+"),
+    "sub": (lambda x, y, p: (x - y) % p, "-"),
+    "mul": (lambda x, y, p: (x * y) % p, "*"),
+    "div": (lambda x, y, p: (x * modular_inverse(y, p)) % p, "/"),
+    "x2y2": (lambda x, y, p: (x * x + y * y) % p, "x^2+y^2"),
+    "x2xyy2": (lambda x, y, p: (x * x + x * y + y * y) % p, "x^2+xy+y^2"),
+    "x3xy": (lambda x, y, p: (x * x * x + x * y) % p, "x^3+xy"),
+}
+
+
+def parse_overrides(argv, defaults):
+    """nanoGPT-style --name=value overrides; values are Python literals, else strings."""
+    cfg = dict(defaults)
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"bad argument {arg!r}: use --name=value, e.g. --task=add (names: {', '.join(cfg)})")
+        key, val = arg[2:].split("=", 1)
+        if key not in cfg:
+            raise SystemExit(f"unknown option --{key}; valid options: {', '.join(cfg)}")
+        try:
+            val = literal_eval(val)
+        except (ValueError, SyntaxError):
+            pass  # a plain string such as --task=add
+        if isinstance(cfg[key], str) and not isinstance(val, str):
+            val = ",".join(map(str, val)) if isinstance(val, tuple) else str(val)  # --seeds=0,1 parses as a tuple
+        elif isinstance(cfg[key], float) and isinstance(val, int) and not isinstance(val, bool):
+            val = float(val)
+        if type(val) is not type(cfg[key]):
+            raise SystemExit(f"--{key}={val!r}: expected a {type(cfg[key]).__name__} like {cfg[key]!r}")
+        cfg[key] = val
+    return cfg
+
+
+def parse_list(text, kind, name):
+    try:
+        return [kind(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise SystemExit(f"--{name}={text!r}: expected a comma list of {kind.__name__}s, e.g. 0,1,2") from None
+
+
+# -----------------------------------------------------------------------------
+# data: every pair (x, y), input `x op y =`, target the answer class
+
+def is_prime(n):
+    return n >= 2 and all(n % k for k in range(2, math.isqrt(n) + 1))
+
+
+def modular_inverse(y, p):
+    """y^(p-2) mod p (Fermat), elementwise on an integer tensor; valid for prime p and y != 0."""
+    table = torch.tensor([pow(int(v), p - 2, p) if v else 0 for v in range(p)])
+    return table[y]
+
+
+def make_dataset(task_name, p):
+    """All pairs of the task: X (N, 4) tokens [x, op, y, =] with op = p and '=' = p + 1, Y (N,)
+    answers in [0, p). N = p^2, or p(p-1) for div (y = 0 excluded)."""
+    if task_name not in TASKS:
+        raise ValueError(f"unknown task {task_name!r}; choose one of {', '.join(TASKS)} or 'all'")
+    if p < 2:
+        raise ValueError(f"p={p}: the modulus must be >= 2")
+    if task_name == "div" and not is_prime(p):
+        raise ValueError(f"task 'div' needs a prime p (y must have an inverse mod p), got p={p}; try p=97")
+    x = torch.arange(p).repeat_interleave(p)
+    y = torch.arange(p).repeat(p)
+    if task_name == "div":
+        x, y = x[y != 0], y[y != 0]
+    answer = TASKS[task_name][0](x, y, p)
+    X = torch.stack([x, torch.full_like(x, p), y, torch.full_like(x, p + 1)], dim=1)
+    return X, answer
+
+
+def split_indices(n, train_frac, seed):
+    """A random disjoint train/val split of range(n), fixed by the seed."""
+    if not 0 < train_frac < 1:
+        raise ValueError(f"train_frac={train_frac} must be strictly between 0 and 1")
+    n_train = round(train_frac * n)
+    if n_train < 1 or n_train >= n:
+        raise ValueError(f"train_frac={train_frac} leaves an empty train or val set for {n} examples")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:n_train], perm[n_train:]
+
+
+def batch_sequence(n_train, batch_size, seed):
+    """Endless batches of train indices: shuffled epochs, fixed by the seed (same for every optimizer)."""
+    gen = torch.Generator().manual_seed(seed + 1_000_003)
+    bs = min(batch_size, n_train)
+    buf = torch.empty(0, dtype=torch.long)
+    while True:
+        while len(buf) < bs:
+            buf = torch.cat([buf, torch.randperm(n_train, generator=gen)])
+        yield buf[:bs]
+        buf = buf[bs:]
+
+
+# -----------------------------------------------------------------------------
+# one run
+
+def make_optimizer(name, model, cfg, lr):
+    betas = (0.9, cfg["adam_beta2"])
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=cfg["weight_decay"])
+    if name == "muon":  # hidden matrices -> Muon; embeddings, head, norms, biases -> AdamW
+        groups = muon_param_groups(model, lr=lr, weight_decay=cfg["weight_decay_muon"], adam_lr=cfg["lr_muon_aux"],
+                                   adam_betas=betas, adam_eps=1e-8, adam_weight_decay=cfg["weight_decay"],
+                                   ns_method=cfg["ns_method"], momentum=cfg["momentum_muon"])
+        return Muon(groups, distributed=False)
+    raise ValueError(f"unknown optimizer {name!r}; choose adamw or muon")
+
+
+@torch.no_grad()
+def evaluate(model, X, Y, masks, chunk=4096):
+    """Loss and accuracy on each index set, from one vectorized pass over all examples."""
+    logits = torch.cat([model(c) for c in X.split(chunk)])
+    loss = F.cross_entropy(logits, Y, reduction="none")
+    correct = (logits.argmax(-1) == Y).float()
+    stats = torch.stack([torch.stack([loss[m].mean(), correct[m].mean()]) for m in masks])
+    return stats.tolist()  # the one host sync per evaluation
+
+
+def run_name(task_name, opt_name, lr, seed):
+    return f"{task_name}_{opt_name}_lr{lr:g}_seed{seed}"
+
+
+def run_settings(cfg, task_name, opt_name, lr, seed):
+    """Everything that determines a run's outcome (used to match cached runs)."""
+    keys = ["p", "train_frac", "max_steps", "batch_size", "eval_every", "threshold", "stop_on_grok", "warmup_steps",
+            "weight_decay", "adam_beta2", "n_layer", "d_model", "n_head", "d_mlp", "prenorm"]
+    if opt_name == "muon":
+        keys += ["weight_decay_muon", "lr_muon_aux", "ns_method", "momentum_muon"]
+    return dict({k: cfg[k] for k in keys}, task=task_name, optimizer=opt_name, lr=lr, seed=seed)
+
+
+def save_atomic(obj, path, as_json=False):
+    tmp = path + ".tmp"
+    if as_json:
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_run(cfg, task_name, opt_name, lr, seed, phase="eval", show_bar=True):
+    """Train one model; returns the run's record (with its curves). Ctrl-C saves a checkpoint and re-raises."""
+    dev = resolve_device(cfg["device"])
+    X, Y = make_dataset(task_name, cfg["p"])
+    train_idx, val_idx = split_indices(len(X), cfg["train_frac"], seed)
+    masks = [torch.zeros(len(X), dtype=torch.bool) for _ in range(2)]
+    masks[0][train_idx], masks[1][val_idx] = True, True
+    X, Y, masks = X.to(dev), Y.to(dev), [m.to(dev) for m in masks]
+    Xtr, Ytr = X[train_idx.to(dev)], Y[train_idx.to(dev)]
+    torch.manual_seed(seed)  # same initial weights for every optimizer
+    mcfg = TinyConfig(vocab_size=cfg["p"] + 2, n_classes=cfg["p"], n_layer=cfg["n_layer"], d_model=cfg["d_model"],
+                      n_head=cfg["n_head"], d_mlp=cfg["d_mlp"], prenorm=cfg["prenorm"])
+    model = TinyTransformer(mcfg).to(dev)
+    opt = make_optimizer(opt_name, model, cfg, lr)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    batches = batch_sequence(len(train_idx), cfg["batch_size"], seed)
+    name = run_name(task_name, opt_name, lr, seed)
+    curve = dict(step=[], train_loss=[], train_acc=[], val_loss=[], val_acc=[])
+    marks = dict(memorize_step=None, grok_step=None, grok_step_95=None)
+    step, interrupted, t0 = 0, False, time.perf_counter()
+    bar = tqdm(total=cfg["max_steps"], desc=f"{name:<32}", disable=not show_bar, leave=True, dynamic_ncols=True)
+
+    def record_eval():
+        (trl, tra), (val, vaa) = evaluate(model, X, Y, masks)
+        for k, v in zip(curve, (step, trl, tra, val, vaa)):
+            curve[k].append(v)
+        if marks["memorize_step"] is None and tra >= cfg["threshold"]:
+            marks["memorize_step"] = step
+        if marks["grok_step_95"] is None and vaa >= 0.95:
+            marks["grok_step_95"] = step
+        if marks["grok_step"] is None and vaa >= cfg["threshold"]:
+            marks["grok_step"] = step
+        bar.set_postfix(train=f"{tra:.3f}", val=f"{vaa:.3f}", refresh=False)
+
+    try:
+        model.train()
+        record_eval()
+        while step < cfg["max_steps"] and not (cfg["stop_on_grok"] and marks["grok_step"] is not None):
+            scale = min(1.0, (step + 1) / cfg["warmup_steps"]) if cfg["warmup_steps"] > 0 else 1.0
+            for g, base in zip(opt.param_groups, base_lrs):
+                g["lr"] = base * scale
+            idx = next(batches).to(dev)
+            loss = F.cross_entropy(model(Xtr[idx]), Ytr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.update(1)
+            if step % cfg["eval_every"] == 0 or step == cfg["max_steps"]:
+                record_eval()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+        wall_s = time.perf_counter() - t0
+        if cfg["save_checkpoints"]:
+            os.makedirs(os.path.join(cfg["out_dir"], "ckpt"), exist_ok=True)
+            save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, model_config=vars(mcfg),
+                             settings=run_settings(cfg, task_name, opt_name, lr, seed)),
+                        os.path.join(cfg["out_dir"], "ckpt", name + ".pt"))
+    if interrupted:
+        raise KeyboardInterrupt
+    record = dict(name=name, task=task_name, p=cfg["p"], train_frac=cfg["train_frac"], optimizer=opt_name, lr=lr,
+                  seed=seed, phase=phase, **marks, censored=marks["grok_step"] is None, steps_run=step,
+                  max_steps=cfg["max_steps"], final_train_loss=curve["train_loss"][-1],
+                  final_train_acc=curve["train_acc"][-1], final_val_loss=curve["val_loss"][-1],
+                  final_val_acc=curve["val_acc"][-1], wall_s=round(wall_s, 2), n_params=model.num_params(),
+                  settings=run_settings(cfg, task_name, opt_name, lr, seed), curve=curve)
+    os.makedirs(os.path.join(cfg["out_dir"], "runs"), exist_ok=True)
+    save_atomic(record, os.path.join(cfg["out_dir"], "runs", name + ".json"), as_json=True)
+    return record
+
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device=cuda but no CUDA device is available; use --device=cpu")
+    return name
+
+
+def cached_run(cfg, spec, phase=None):
+    """The finished run of this spec in out_dir/runs, if its settings match (resume)."""
+    path = os.path.join(cfg["out_dir"], "runs", run_name(*spec[:4]) + ".json")
+    if not ((cfg["resume"] or phase) and os.path.exists(path)):
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    if record.get("settings") != run_settings(cfg, *spec[:4]):
+        return None
+    record["phase"] = spec[4]  # the same run can serve as a tuning run of one study and an eval run of another
+    return record
+
+
+def _worker(args):
+    cfg, spec = args
+    torch.set_num_threads(1)  # parallel jobs share the cores; more threads per job only contend
+    return train_run(cfg, *spec, show_bar=False)
+
+
+def run_many(cfg, specs, desc, pool=None):
+    """Run (task, optimizer, lr, seed, phase) specs, reusing cached ones; returns records in spec order.
+    With a process pool the runs go in parallel and one bar counts finished runs."""
+    results = {i: r for i, s in enumerate(specs) if (r := cached_run(cfg, s)) is not None}
+    todo = [i for i in range(len(specs)) if i not in results]
+    if len(results):
+        print(f"{desc}: reusing {len(results)} finished run(s) from {cfg['out_dir']}/runs")
+    if pool is None:
+        for i in todo:
+            results[i] = train_run(cfg, *specs[i])
+    elif todo:
+        it = pool.imap(_worker, [(cfg, specs[i]) for i in todo])
+        for i, rec in zip(todo, tqdm(it, total=len(todo), desc=desc, dynamic_ncols=True)):
+            results[i] = rec
+            tqdm.write(f"  {rec['name']:<32} grok {fmt_step(rec):>6}  ({rec['wall_s']:.0f} s)")
+    return [results[i] for i in range(len(specs))]
+
+
+# -----------------------------------------------------------------------------
+# summaries
+
+def steps_or_max(records):
+    """Grok steps with censored runs counted at max_steps (an underestimate of the true step)."""
+    return [r["grok_step"] if r["grok_step"] is not None else r["max_steps"] for r in records]
+
+
+def fmt_step(r):
+    return str(r["grok_step"]) if r["grok_step"] is not None else f">{r['max_steps']}"
+
+
+def fmt_median(records):
+    steps = steps_or_max(records)
+    med = statistics.median(steps)
+    censored_med = sum(r["grok_step"] is None for r in records) * 2 >= len(records)
+    return (f">{records[0]['max_steps']}" if censored_med else f"{med:g}"), med
+
+
+def bootstrap_ratio_ci(a, b, n_boot=10000, seed=0):
+    """95% CI of median(a) / median(b), resampling each sample independently."""
+    gen = torch.Generator().manual_seed(seed)
+    A, B = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    ia = torch.randint(len(a), (n_boot, len(a)), generator=gen)
+    ib = torch.randint(len(b), (n_boot, len(b)), generator=gen)
+    ratios = A[ia].median(dim=1).values / B[ib].median(dim=1).values
+    return torch.quantile(ratios, 0.025).item(), torch.quantile(ratios, 0.975).item()
+
+
+def welch(a, b):
+    """Welch's t-test (scipy); None when undefined (fewer than 2 runs, or no variance)."""
+    from scipy import stats
+    if len(a) < 2 or len(b) < 2 or (statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0):
+        return None
+    t, pval = stats.ttest_ind(a, b, equal_var=False)
+    return dict(t=float(t), p=float(pval))
+
+
+def summarize(records, task_names, opt_names):
+    """Per task and optimizer: grokked k/n, median grok step; speedup of medians vs the first
+    optimizer (AdamW) with a bootstrap CI; Welch's t-test; censored runs counted at max_steps."""
+    summary = dict(per_task={}, note="censored runs (never grokked) are counted at max_steps")
+    base = opt_names[0]
+    for t in task_names:
+        row = {}
+        for o in opt_names:
+            rs = [r for r in records if r["task"] == t and r["optimizer"] == o]
+            if not rs:
+                continue
+            text, med = fmt_median(rs)
+            row[o] = dict(grokked=sum(r["grok_step"] is not None for r in rs), n=len(rs), median=med,
+                          median_text=text, lr=rs[0]["lr"], steps=steps_or_max(rs),
+                          memorize_median=statistics.median([r["memorize_step"] if r["memorize_step"] is not None
+                                                             else r["max_steps"] for r in rs]))
+        for o in opt_names[1:]:
+            if base in row and o in row:
+                a, b = row[base]["steps"], row[o]["steps"]
+                if row[o]["median_text"].startswith(">"):
+                    continue  # most runs of this optimizer never grokked: no speedup to report
+                row[o]["speedup"] = row[base]["median"] / row[o]["median"]
+                row[o]["speedup_is_lower_bound"] = row[base]["median_text"].startswith(">")
+                row[o]["speedup_ci95"] = bootstrap_ratio_ci(a, b) if len(a) > 1 and len(b) > 1 else None
+                row[o]["welch"] = welch(a, b)
+        summary["per_task"][t] = row
+    for o in opt_names[1:]:
+        a = steps_or_max([r for r in records if r["optimizer"] == base])
+        b = steps_or_max([r for r in records if r["optimizer"] == o])
+        summary[f"welch_all_{base}_vs_{o}"] = welch(a, b)
+    return summary
+
+
+def print_run_table(records, opt_names):
+    base = {(r["task"], r["seed"]): r for r in records if r["optimizer"] == opt_names[0]}
+    print(f"\n{'task':<8} {'optimizer':<9} {'lr':>8} {'seed':>5} {'memorize':>9} {'grok 95%':>9} {'grok':>7} "
+          f"{'wall s':>7} {'speedup':>8}")
+    for r in records:
+        b = base.get((r["task"], r["seed"]))
+        if b is None or r["grok_step"] is None:  # no reference, or this run never grokked: no ratio to give
+            speed_txt = "-"
+        else:  # '+': the AdamW run never grokked, so the true ratio is larger
+            speed_txt = f"{steps_or_max([b])[0] / r['grok_step']:.2f}x" + ("+" if b["grok_step"] is None else "")
+        mem = r["memorize_step"] if r["memorize_step"] is not None else f">{r['steps_run']}"
+        g95 = r["grok_step_95"] if r["grok_step_95"] is not None else f">{r['steps_run']}"
+        print(f"{r['task']:<8} {r['optimizer']:<9} {r['lr']:>8g} {r['seed']:>5} {mem!s:>9} {g95!s:>9} "
+              f"{fmt_step(r):>7} {r['wall_s']:>7.1f} {speed_txt:>8}")
+    print("speedup: AdamW grok step / this run's grok step, same task and seed ('+': AdamW censored, a lower bound)")
+
+
+def print_study_table(summary, opt_names):
+    base = opt_names[0]
+    print(f"\n{'task':<8} " + " ".join(f"{o + ' k/n':>10} {o + ' lr':>10} {o + ' median':>12}" for o in opt_names)
+          + f" {'speedup [95% CI]':>22} {'Welch p':>9}")
+    for t, row in summary["per_task"].items():
+        cells = []
+        for o in opt_names:
+            c = row.get(o)
+            cells.append(f"{c['grokked']:>6}/{c['n']:<3} {c['lr']:>10g} {c['median_text']:>12}" if c else " " * 35)
+        o = opt_names[-1]
+        c = row.get(o, {})
+        sp = (f"{'>=' if c['speedup_is_lower_bound'] else ''}{c['speedup']:.2f}x") if "speedup" in c else "-"
+        if c.get("speedup_ci95"):
+            sp += f" [{c['speedup_ci95'][0]:.2f}, {c['speedup_ci95'][1]:.2f}]"
+        wp = f"{c['welch']['p']:.2g}" if c.get("welch") else "-"
+        print(f"{t:<8} " + " ".join(cells) + f" {sp:>22} {wp:>9}")
+    for k, v in summary.items():
+        if k.startswith("welch_all") and v:
+            print(f"Welch's t-test over all runs ({base} vs {k.rsplit('_', 1)[1]}): t={v['t']:.2f}, p={v['p']:.2g}")
+    print(f"note: {summary['note']}; speedup = median({base}) / median({opt_names[-1]}) (CI: bootstrap over seeds; "
+          f"'>=': {base}'s median is censored, so the speedup is a lower bound)")
+
+
+# -----------------------------------------------------------------------------
+# plots
+
+COLORS = {"adamw": "tab:blue", "muon": "tab:red"}
+
+
+def plot_curves(records, path):
+    """The classic grokking picture, one panel per task (first seed): train (dashed) and val (solid)
+    accuracy vs step on a log axis, both optimizers."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    seed = records[0]["seed"]
+    cols = min(len(tasks), 4)
+    rows = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False)
+    for ax, t in zip(axes.flat, tasks):
+        for r in records:
+            if r["task"] != t or r["seed"] != seed:
+                continue
+            c, s = COLORS.get(r["optimizer"], None), [max(x, 1) for x in r["curve"]["step"]]
+            ax.plot(s, r["curve"]["train_acc"], "--", color=c, alpha=0.8, label=f"{r['optimizer']} train")
+            ax.plot(s, r["curve"]["val_acc"], "-", color=c, label=f"{r['optimizer']} val (grok {fmt_step(r)})")
+            if r["grok_step"]:
+                ax.axvline(r["grok_step"], color=c, lw=0.8, alpha=0.5)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{t} mod {records[0]['p']}, train_frac {records[0]['train_frac']}, seed {seed}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_study(records, opt_names, path):
+    """Grok step per task for each optimizer, seeds as points (hollow: censored at max_steps), medians as bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    fig, ax = plt.subplots(figsize=(1.3 * len(tasks) + 3, 4.2))
+    width = 0.8 / len(opt_names)
+    for j, o in enumerate(opt_names):
+        for i, t in enumerate(tasks):
+            rs = [r for r in records if r["task"] == t and r["optimizer"] == o]
+            if not rs:
+                continue
+            xc = i + (j - (len(opt_names) - 1) / 2) * width
+            steps = steps_or_max(rs)
+            ax.bar(xc, statistics.median(steps), width * 0.9, color=COLORS.get(o), alpha=0.25,
+                   label=f"{o} median" if i == 0 else None)
+            jitter = [xc + width * 0.3 * (k / max(1, len(rs) - 1) - 0.5) for k in range(len(rs))]
+            for x, s, r in zip(jitter, steps, rs):
+                ax.plot(x, s, "o", color=COLORS.get(o), mfc="none" if r["grok_step"] is None else COLORS.get(o), ms=5)
+    ax.axhline(records[0]["max_steps"], color="gray", lw=0.8, ls=":", label="max_steps (hollow: censored)")
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_yscale("log")
+    ax.set_ylabel(f"grok step (val acc >= {records[0]['settings']['threshold']})")
+    ax.set_title(f"grokking step per task, mod {records[0]['p']}, train_frac {records[0]['train_frac']}, "
+                 f"{len({r['seed'] for r in records})} seeds")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+
+def main(cfg):
+    task_names = list(TASKS) if cfg["task"] == "all" else parse_list(cfg["task"], str, "task")
+    for t in task_names:
+        make_dataset(t, cfg["p"])  # fails early and clearly on an unknown task or a non-prime p for div
+    opt_names = parse_list(cfg["optimizers"], str, "optimizers")
+    for o in opt_names:
+        if o not in ("adamw", "muon"):
+            raise ValueError(f"unknown optimizer {o!r} in --optimizers; choose from adamw,muon")
+    seed_list = parse_list(cfg["seeds"], int, "seeds")
+    tune_seed_list = parse_list(cfg["tune_seeds"], int, "tune_seeds")
+    tune_lrs = {o: parse_list(cfg[f"tune_lrs_{o}"], float, f"tune_lrs_{o}") for o in opt_names}
+    if not opt_names or not seed_list:
+        raise ValueError("need at least one optimizer (--optimizers=adamw,muon) and one seed (--seeds=0)")
+    if any(tune_lrs.values()) and not tune_seed_list:
+        raise ValueError("tuning LR lists given but no --tune_seeds; give seeds disjoint from --seeds, e.g. --tune_seeds=100")
+    if set(tune_seed_list) & set(seed_list):
+        raise ValueError(f"--tune_seeds {sorted(set(tune_seed_list) & set(seed_list))} overlap --seeds: tuning "
+                         "and reporting on the same seeds is not a fair comparison; use disjoint sets")
+    if cfg["eval_every"] < 1 or cfg["max_steps"] < 1 or cfg["batch_size"] < 1:
+        raise ValueError("eval_every, max_steps and batch_size must be >= 1")
+    if cfg["threads"] > 0:
+        torch.set_num_threads(cfg["threads"])
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    print(f"device={resolve_device(cfg['device'])} threads={torch.get_num_threads()} jobs={cfg['jobs']} "
+          f"tasks={','.join(task_names)} p={cfg['p']} train_frac={cfg['train_frac']} seeds={seed_list}")
+    n_params = TinyTransformer(TinyConfig(vocab_size=cfg["p"] + 2, n_classes=cfg["p"], n_layer=cfg["n_layer"],
+                                          d_model=cfg["d_model"], n_head=cfg["n_head"], d_mlp=cfg["d_mlp"],
+                                          prenorm=cfg["prenorm"])).num_params()
+    print(f"model: {cfg['n_layer']} layers, d_model {cfg['d_model']}, {n_params:,} parameters")
+
+    records, tuned = [], {}
+    default_lr = {"adamw": cfg["lr_adamw"], "muon": cfg["lr_muon"]}
+    grid = {o: tune_lrs[o] or [default_lr[o]] for o in opt_names}
+    tuning = bool(tune_seed_list and any(tune_lrs.values()))
+    all_specs = []
+    pool = mp.get_context("spawn").Pool(cfg["jobs"]) if cfg["jobs"] > 1 else None
+    try:
+        for t in task_names:  # task by task, so that an interrupted study still has complete tasks
+            if tuning:  # fair tuning: choose each optimizer's LR on tune_seeds only
+                specs = [(t, o, lr, s, "tune") for o in opt_names for lr in grid[o] for s in tune_seed_list]
+                all_specs += specs
+                tune_records = run_many(cfg, specs, f"tuning {t}", pool)
+                records += tune_records
+                for o in opt_names:
+                    scores = {}  # mean grok step (censored at max_steps); ties (e.g. all censored): higher final val acc
+                    for lr in grid[o]:
+                        rs = [r for r in tune_records if r["optimizer"] == o and r["lr"] == lr]
+                        scores[lr] = (statistics.mean(steps_or_max(rs)), -statistics.mean(r["final_val_acc"] for r in rs))
+                    tuned[(t, o)] = min(scores, key=lambda lr: (scores[lr], lr))
+                    print(f"tuning {t:<8} {o:<6} on seeds {tune_seed_list} (mean grok step, censored at max_steps; "
+                          "final val acc): " + "  ".join(f"lr {lr:g}: {s:g} ({-a:.3f})" for lr, (s, a) in scores.items())
+                          + f"  -> {tuned[(t, o)]:g}")
+            specs = [(t, o, tuned.get((t, o), default_lr[o]), s, "eval") for s in seed_list for o in opt_names]
+            all_specs += specs
+            records += run_many(cfg, specs, f"runs {t}", pool)
+    except KeyboardInterrupt:
+        if pool is not None:
+            pool.terminate()
+        print("\ninterrupted: checkpoints saved; writing the results of the finished runs")
+        done = [r for s in all_specs if (r := cached_run(cfg, s, phase=s[4])) is not None]
+        write_results(cfg, done, task_names, opt_names, tuned, interrupted=True)
+        raise SystemExit(130)
+    finally:
+        if pool is not None:
+            pool.close()
+    return write_results(cfg, records, task_names, opt_names, tuned)
+
+
+def write_results(cfg, records, task_names, opt_names, tuned, interrupted=False):
+    eval_records = [r for r in records if r["phase"] == "eval"]
+    if eval_records:
+        print_run_table(eval_records, opt_names)
+    summary = summarize(eval_records, task_names, opt_names) if eval_records else {}
+    study = len(task_names) > 1 or len({r["seed"] for r in eval_records}) > 1
+    if study and eval_records:
+        print_study_table(summary, opt_names)
+    out = dict(config=cfg, interrupted=interrupted,
+               tuned_lr={f"{t}/{o}": lr for (t, o), lr in tuned.items()}, summary=summary,
+               runs=[{k: v for k, v in r.items() if k != "curve"} for r in records])
+    path = os.path.join(cfg["out_dir"], "results.json")
+    save_atomic(out, path, as_json=True)
+    print(f"\nwrote {path} (per-run curves in {cfg['out_dir']}/runs/, checkpoints in {cfg['out_dir']}/ckpt/)")
+    if eval_records:
+        plot_curves(eval_records, os.path.join(cfg["out_dir"], "grokking.png"))
+        print(f"wrote {cfg['out_dir']}/grokking.png")
+        if study:
+            plot_study(eval_records, opt_names, os.path.join(cfg["out_dir"], "grokking_study.png"))
+            print(f"wrote {cfg['out_dir']}/grokking_study.png")
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_overrides(sys.argv[1:], {k: globals()[k] for k in CONFIG_KEYS}))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
