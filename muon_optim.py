@@ -349,6 +349,17 @@ def shape_scale(shape, scale="original"):
     raise ValueError(f"unknown scale {scale!r}; choose 'original', 'match_adamw' or 'spectral'")
 
 
+def _short_axis(shape):
+    return -1 if shape[-2] >= shape[-1] else -2
+
+
+def normuon_buffer(O):
+    """Zeroed second-moment state for normuon_normalize: O's shape with the short axis of size 1."""
+    shape = list(O.shape)
+    shape[_short_axis(shape)] = 1
+    return torch.zeros(shape, dtype=torch.float32, device=O.device)
+
+
 def normuon_normalize(O, second_moment, beta2, eps=1e-10):
     """NorMuon (arXiv 2510.05491): orthogonalized updates still have very uneven per-neuron norms;
     divide each row (or column) by the root of an EMA of its mean square, then rescale to keep the
@@ -356,8 +367,7 @@ def normuon_normalize(O, second_moment, beta2, eps=1e-10):
     second_moment has O's shape with the short axis of size 1; it is updated in place.
     All-zero updates stay zero (no 0/0)."""
     O = O.float()
-    short_axis = -1 if O.size(-2) >= O.size(-1) else -2
-    second_moment.lerp_(O.square().mean(dim=short_axis, keepdim=True), 1 - beta2)
+    second_moment.lerp_(O.square().mean(dim=_short_axis(O.shape), keepdim=True), 1 - beta2)
     N = O * second_moment.add(eps).rsqrt()
     norm_in = O.norm(dim=(-2, -1), keepdim=True)
     return N * (norm_in / N.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30))
@@ -482,7 +492,8 @@ class Muon(torch.optim.Optimizer):
                                      "or build the groups with muon_param_groups(model).")
             if group["sphere"] is not None and group["sphere"] not in ("project", "geodesic", "geodesic_scaled"):
                 raise ValueError(f"unknown sphere mode {group['sphere']!r}")
-            orthogonalize(torch.zeros(1, 1), group["ns_method"], 1)  # validates the name early
+            if group["ns_method"] not in ORTHOGONALIZERS:
+                raise ValueError(f"unknown ns_method {group['ns_method']!r}; choose one of {sorted(ORTHOGONALIZERS)}")
             shape_scale((1, 1), group["scale"])
         group["params"] = params
         super().add_param_group(group)
@@ -583,10 +594,7 @@ class Muon(torch.optim.Optimizer):
             if group["normuon"]:
                 state = self.state[p]
                 if "second_moment" not in state:
-                    short_axis = -1 if O.size(-2) >= O.size(-1) else -2
-                    shape = list(O.shape)
-                    shape[short_axis] = 1
-                    state["second_moment"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                    state["second_moment"] = normuon_buffer(O)
                 O = normuon_normalize(O, state["second_moment"], group["normuon"])
             directions.append((O * shape_scale(O.shape, group["scale"])).view(p.shape))
         return directions
