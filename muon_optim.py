@@ -21,9 +21,11 @@ Contents
   helpers            muon_param_groups
   self-check         python muon_optim.py
 """
+import functools
 import math
 import os
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -50,10 +52,53 @@ POLAR_EXPRESS_COEFFS = (
 )
 
 
-def default_ns_dtype(device):
-    """bf16 on CUDA (tensor cores, and the iteration is robust to it); fp32 everywhere else,
-    because bf16 matmul on CPU is 10-100x slower than fp32 (8.2 s vs 85 ms for NS5 at 768x768)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+NS_DTYPE = None  # global override of the compute dtype (e.g. torch.float32); per group: ns_dtype=...
+CPU_BF16_MIN_SIZE = 256  # on a CPU with fast bf16, matrices with a side below this are still faster in fp32
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_fast_bf16():
+    """(True/False, why): does this CPU multiply bf16 matrices faster than fp32? Decided once per
+    process. x86 with AMX-BF16 (Sapphire Rapids and later): bf16 NS5 ~3x faster than fp32 at
+    768x768. Without AMX, bf16 matmul is emulated and 10-100x SLOWER. ARM with the BF16 extension
+    (Graviton3, Neoverse V1/V2): fast. The environment variable MUON_CPU_BF16=1/0 overrides the probe."""
+    env = os.environ.get("MUON_CPU_BF16")
+    if env in ("0", "1"):
+        return env == "1", f"MUON_CPU_BF16={env}"
+    try:
+        caps = torch.cpu.get_capabilities()
+        if caps.get("amx_bf16"):
+            return True, "the CPU has AMX-BF16 (torch.cpu.get_capabilities)"
+        if caps.get("architecture", "") not in ("aarch64", "arm64"):
+            return False, "no AMX-BF16 on this CPU: bf16 matmul would be emulated"
+    except Exception:  # torch < 2.8 has no get_capabilities: the older private probe
+        try:
+            if torch.cpu._is_amx_tile_supported():
+                return True, "the CPU has AMX tiles (torch.cpu._is_amx_tile_supported)"
+        except Exception:
+            pass
+    try:  # ARM: the kernel lists the BF16 extension in /proc/cpuinfo's Features line
+        with open("/proc/cpuinfo") as f:
+            if any(line.startswith("Features") and " bf16" in f" {line.split(':', 1)[-1]} " for line in f):
+                return True, "the CPU has the ARM BF16 extension (/proc/cpuinfo)"
+    except OSError:
+        pass
+    return False, "no fast bf16 matmul found on this CPU"
+
+
+def default_ns_dtype(device, shape=None):
+    """The compute dtype of the orthogonalization when none is given: NS_DTYPE if set; bf16 on CUDA
+    (tensor cores; the iteration is robust to bf16); on a CPU, bf16 only where it is fast
+    (cpu_fast_bf16) and the matrix is large enough to gain (min side >= CPU_BF16_MIN_SIZE, measured
+    with bench.py), fp32 everywhere else."""
+    if NS_DTYPE is not None:
+        return NS_DTYPE
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.bfloat16
+    if kind == "cpu" and cpu_fast_bf16()[0] and (shape is None or min(shape[-2:]) >= CPU_BF16_MIN_SIZE):
+        return torch.bfloat16
+    return torch.float32
 
 
 def _normalized(G, dtype, scale, eps):
@@ -71,7 +116,7 @@ def _odd_polynomial_iteration(G, coeffs, dtype, norm_scale, eps):
     orientation (m <= n) so that A is the small m x m Gram matrix."""
     if G.ndim < 2:
         raise ValueError(f"orthogonalization needs a (..., m, n) tensor, got shape {tuple(G.shape)}")
-    dtype = dtype or default_ns_dtype(G.device)
+    dtype = dtype or default_ns_dtype(G.device, G.shape)
     transposed = G.size(-2) > G.size(-1)
     X = _normalized(G.mT if transposed else G, dtype, norm_scale, eps)
     batch_shape = X.shape[:-2]
@@ -167,7 +212,7 @@ def gram_newton_schulz(G, steps=5, dtype=None, coeffs=None, restart_after=2, eps
     m, n = sorted(G.shape[-2:])
     if n < GRAM_MIN_ASPECT * m:  # near-square: the m^3 work costs more than it saves
         return _odd_polynomial_iteration(G, coeffs, dtype, 1.0, eps)
-    dtype = dtype or default_ns_dtype(G.device)
+    dtype = dtype or default_ns_dtype(G.device, G.shape)
     transposed = G.size(-2) > G.size(-1)
     X = _normalized(G.mT if transposed else G, dtype, 1.0, eps)
     batch_shape = X.shape[:-2]
@@ -218,7 +263,44 @@ _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run on 
 
 def _triton_ok(X):
     return (USE_TRITON and triton is not None and (X.is_cuda or _TRITON_INTERPRET) and X.ndim == 3
-            and X.dtype in (torch.float16, torch.bfloat16, torch.float32) and X.size(-2) >= TRITON_MIN_SIZE)
+            and X.dtype in (torch.float16, torch.bfloat16, torch.float32) and X.size(-2) >= TRITON_MIN_SIZE
+            and triton_verified(X.device, X.dtype))
+
+
+_TRITON_VERIFIED = {}  # (device, dtype) -> bool: the kernels matched torch on first use
+
+
+def triton_verified(device, dtype):
+    """Trust the Triton kernels on (device, dtype) only after they match torch on a small random
+    batch, checked once per process. A Triton/driver combination that miscompiles (or fails to
+    compile) the kernels then costs a warning and the torch path, never a wrong update."""
+    key = (str(device), dtype)
+    if key not in _TRITON_VERIFIED:
+        _TRITON_VERIFIED[key] = _check_triton_kernels(device, dtype)
+    return _TRITON_VERIFIED[key]
+
+
+def _check_triton_kernels(device, dtype, batch=2, m=80, n=96):
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(batch, m, n, generator=gen).to(device=device, dtype=dtype)
+    ref = X.float() @ X.float().mT
+    A = (ref / ref.norm(dim=(-2, -1), keepdim=True)).to(dtype)  # symmetric, norm 1 as in the iteration
+    ref_poly = -4.775 * A.float() + 2.0315 * A.float() @ A.float()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    fix = "set muon_optim.USE_TRITON = False to skip Triton, or upgrade it (pip install -U triton)"
+    for name, run, expected in (("triton_sym_matmul_t", lambda: triton_sym_matmul_t(X), ref),
+                                ("triton_sym_poly", lambda: triton_sym_poly(A, -4.775, 2.0315), ref_poly)):
+        try:
+            err = ((run().float() - expected).abs().max() / expected.abs().max()).item()
+        except Exception as e:  # compile errors, unsupported GPU, ...
+            warnings.warn(f"muon_optim: Triton kernel {name} failed on {device} {dtype} ({type(e).__name__}: {e}); "
+                          f"using torch matmuls for the rest of this process ({fix})")
+            return False
+        if not err <= tol:  # also catches NaN
+            warnings.warn(f"muon_optim: Triton kernel {name} disagrees with torch on {device} {dtype} (max relative "
+                          f"error {err:.2e} > {tol:g}); using torch matmuls for the rest of this process ({fix})")
+            return False
+    return True
 
 
 def sym_matmul_t(X):
@@ -468,6 +550,16 @@ class Muon(torch.optim.Optimizer):
         self._stats = {}
         self._muon_defaults = defaults
         super().__init__(params, {})  # defaults are applied per group kind in add_param_group
+        # torch's schedulers read optimizer.defaults (OneCycleLR/CyclicLR look for "momentum" there)
+        self.defaults = dict(defaults)
+
+    def __getstate__(self):  # copy.deepcopy / pickle keep the options that are not param-group keys
+        return dict(super().__getstate__(), distributed=self.distributed, track_stats=self.track_stats,
+                    _muon_defaults=self._muon_defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._stats = {}
 
     def add_param_group(self, group):
         group = dict(group)
@@ -496,7 +588,38 @@ class Muon(torch.optim.Optimizer):
                 raise ValueError(f"unknown ns_method {group['ns_method']!r}; choose one of {sorted(ORTHOGONALIZERS)}")
             shape_scale((1, 1), group["scale"])
         group["params"] = params
-        super().add_param_group(group)
+        saved, self.defaults = self.defaults, {}  # every key is set above; torch must not add Muon keys to AdamW
+        try:
+            super().add_param_group(group)
+        finally:
+            self.defaults = saved
+
+    def load_state_dict(self, state_dict):
+        """torch's load_state_dict, plus two checks torch does not make: groups are matched by
+        position, so a checkpoint whose groups come in another order would silently swap Muon and
+        AdamW state; each loaded group's kind and state shapes must match. NorMuon's second moment
+        stays fp32 (torch casts all state to the parameter's dtype)."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"the checkpoint has {len(saved_groups)} param groups, this optimizer "
+                             f"{len(self.param_groups)}: build the groups as when it was saved")
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            name = group.get("name", f"group {i}")
+            kind = lambda muon: "Muon" if muon else "AdamW"  # noqa: E731
+            if saved.get("use_muon", True) != group["use_muon"]:
+                raise ValueError(f"param group {i} ({name!r}) is {kind(group['use_muon'])} here but "
+                                 f"{kind(saved.get('use_muon', True))} in the checkpoint: groups are matched by "
+                                 "position, pass them in the order they had when the state was saved")
+            for index, p in zip(saved["params"], group["params"]):
+                for key, value in state_dict["state"].get(index, {}).items():
+                    if key in ("momentum_buffer", "exp_avg", "exp_avg_sq") and tuple(value.shape) != tuple(p.shape):
+                        raise ValueError(f"param group {i} ({name!r}): checkpoint state {key!r} has shape "
+                                         f"{tuple(value.shape)} but the parameter has shape {tuple(p.shape)}: "
+                                         "the groups or their parameter order differ from the saved optimizer")
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            if "second_moment" in state:
+                state["second_moment"] = state["second_moment"].float()
 
     # -- distributed helpers --------------------------------------------------
     def _world(self):
@@ -522,9 +645,9 @@ class Muon(torch.optim.Optimizer):
         split into up to `world` chunks, chunks go to the least-loaded rank (largest first), and one
         all_gather shares the results; with one rank the same code runs without the gather."""
         mats = [as_matrices(x) for x in inputs]
-        buckets = {}
+        buckets = {}  # stacking needs one shape, device and dtype
         for i, m in enumerate(mats):
-            buckets.setdefault(tuple(m.shape), []).append(i)
+            buckets.setdefault((tuple(m.shape), m.device, m.dtype), []).append(i)
         chunks = [idx[k::world] for idx in buckets.values() for k in range(min(world, len(idx)))]
         owner, load = [0] * len(chunks), [0] * world
         for c in sorted(range(len(chunks)), key=lambda c: -len(chunks[c]) * mats[chunks[c][0]].numel()):
@@ -540,7 +663,12 @@ class Muon(torch.optim.Optimizer):
                 outputs[i] = O[j]
         if world == 1:
             return outputs
-        dtype = group["ns_dtype"] or default_ns_dtype(mats[0].device)
+        devices = {m.device for m in mats}
+        if len(devices) > 1:
+            raise ValueError(f"Muon group {group.get('name', '')!r} holds parameters on {sorted(map(str, devices))}: "
+                             "with torch.distributed each rank's Muon parameters must share one device")
+        dtypes = {group["ns_dtype"] or default_ns_dtype(m.device, m.shape) for m in mats}
+        dtype = torch.bfloat16 if dtypes == {torch.bfloat16} else torch.float32  # the same on every rank
         buf = torch.zeros(max(load), dtype=dtype, device=mats[0].device)  # all_gather wants equal sizes
         offset = 0
         for c in mine:  # this rank's results, in chunk order
@@ -565,6 +693,8 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         world, rank = self._world()
+        if self.track_stats:
+            self._stats = {}  # stats() covers this step's matrices only
         for group in self.param_groups:
             params = self._params_with_grad(group, world)
             if not params:
@@ -665,24 +795,38 @@ class SingleDeviceMuonWithAuxAdam(Muon):
 HEAD_NAMES = ("lm_head", "head", "classifier", "unembed", "output", "fc_out", "readout")
 
 
+def _is_position_embedding(name):
+    leaf = name.rsplit(".", 1)[-1].lower()
+    return leaf in ("wpe", "pos", "pos_emb", "pos_embed", "pos_embedding", "position_embedding",
+                    "position_embeddings", "positional_embedding") or leaf.startswith("pos")
+
+
 def muon_param_groups(model, lr=0.02, weight_decay=0.0, adam_lr=3e-4, adam_betas=(0.9, 0.95), adam_eps=1e-10,
                       adam_weight_decay=0.0, head_names=HEAD_NAMES, **muon_options):
     """Split a model's parameters the way Muon is meant to be used: hidden >= 2D weights to Muon;
-    embeddings (nn.Embedding / nn.EmbeddingBag weights), the output head (a Linear named like
-    `head_names`, or whose output size equals an embedding's vocabulary, or tied to an embedding)
-    and every < 2D parameter to AdamW. An embedding or head in the Muon group is the most common
-    Muon misuse: their inputs/outputs are one-hot-like, not dense features."""
+    embeddings (nn.Embedding / nn.EmbeddingBag weights), the output head and every < 2D parameter
+    to AdamW. An embedding or head in the Muon group is the most common Muon misuse: their
+    inputs/outputs are one-hot-like, not dense features.
+    The head is a Linear that is tied to an embedding, or named like `head_names`, or the last
+    Linear whose output size is the vocabulary (a token embedding's num_embeddings). Position
+    embeddings (named like 'wpe', 'pos', 'position') do not define a vocabulary, and hidden layers
+    that happen to have the vocabulary's width (an MLP of 4*d = 1024 with a 1024-token vocabulary)
+    stay in Muon: only the last such Linear, the one closest to the output, is the head."""
     embed_ids, vocab_sizes = set(), set()
-    for m in model.modules():
+    for name, m in model.named_modules():
         if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
             embed_ids.add(id(m.weight))
-            vocab_sizes.add(m.num_embeddings)
-    head_ids = set()
+            if not _is_position_embedding(name):
+                vocab_sizes.add(m.num_embeddings)
+    head_ids, last_vocab_sized = set(), {}
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear):
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in head_names or m.out_features in vocab_sizes or id(m.weight) in embed_ids:
+            if name.rsplit(".", 1)[-1] in head_names or id(m.weight) in embed_ids:
                 head_ids.add(id(m.weight))
+            elif m.out_features in vocab_sizes:
+                last_vocab_sized[m.out_features] = id(m.weight)
+    if not head_ids:  # no named or tied head: the last vocabulary-sized Linear is the readout
+        head_ids.update(last_vocab_sized.values())
     muon, embed, head, other, seen = [], [], [], [], set()
     for p in model.parameters():  # parameters() deduplicates tied weights
         if not p.requires_grad or id(p) in seen:

@@ -48,6 +48,7 @@ for dtype in ("float32", "bfloat16", "float16"):
         ref2 = b * A.float() + c * A.float() @ A.float()
         out["poly/" + key] = rel(mo._launch_sym(A, A, c, b, block_m=bm, block_k=bk), ref2)
 # the dispatch: with the size gate lowered, the iterations run through the kernels on CPU tensors
+assert mo.triton_verified(torch.device("cpu"), torch.float32)  # the first-use check, before counting
 launches = []
 launch = mo._launch_sym
 mo._launch_sym = lambda *a, **k: launches.append(1) or launch(*a, **k)
@@ -93,6 +94,52 @@ def test_triton_xxt_is_symmetric_with_input_dtype(kernel_results):
             assert v < 1e-6, (k, v)
         if k.startswith("xxt_dtype_ok/"):
             assert v == 1.0, k
+
+
+WRONG_KERNEL_SCRIPT = r"""
+import json, sys, warnings
+sys.path.insert(0, sys.argv[1])
+import torch
+import muon_optim as mo
+mo.TRITON_MIN_SIZE = 0
+right = mo.triton_sym_matmul_t
+mo.triton_sym_matmul_t = lambda X: right(X) * 1.01  # a kernel that is 1% off
+torch.manual_seed(0)
+G = [torch.randn(40, 90), torch.randn(40, 90)]
+def step():
+    params = [torch.nn.Parameter(torch.zeros(40, 90)) for _ in G]
+    opt = mo.Muon(params, lr=0.1, ns_dtype=torch.float32)
+    for _ in range(2):
+        for p, g in zip(params, G):
+            p.grad = g.clone()
+        opt.step()
+    return torch.stack([p.detach() for p in params])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    got = step()
+    again = step()
+mo.USE_TRITON = False
+want = step()
+print("RESULT" + json.dumps(dict(
+    warnings=[str(w.message) for w in caught], err=(got - want).abs().max().item(),
+    err_again=(again - want).abs().max().item(), verified=mo.triton_verified(torch.device("cpu"), torch.float32))))
+"""
+
+
+def test_wrong_triton_kernel_warns_once_and_falls_back():
+    """A kernel that disagrees with torch on its first-use check is never trusted: one warning
+    that says how to turn Triton off, then the torch path, so the optimizer's result is exact."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", WRONG_KERNEL_SCRIPT, str(REPO)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
+    triton_warnings = [w for w in out["warnings"] if "Triton kernel" in w]
+    assert len(triton_warnings) == 1, out["warnings"]
+    assert "triton_sym_matmul_t" in triton_warnings[0] and "USE_TRITON = False" in triton_warnings[0]
+    assert out["verified"] is False
+    assert out["err"] == 0.0 and out["err_again"] == 0.0
 
 
 def test_iterations_dispatch_to_kernels(kernel_results):

@@ -94,10 +94,33 @@ def test_polar_express_coefficients_reproduce_published_list():
     assert abs(M.polar_express_coefficients(5, l=1e-2)[0][0] - M.POLAR_EXPRESS_COEFFS[0][0]) > 1e-2
 
 
-def test_default_dtype_is_fp32_on_cpu():
-    assert M.default_ns_dtype("cpu") == torch.float32
-    assert M.default_ns_dtype("cuda") == torch.bfloat16
-    assert M.zeropower_via_newtonschulz5(torch.randn(8, 8)).dtype == torch.float32
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_default_dtype_follows_the_cpu(monkeypatch, fast_bf16):
+    """Both branches of the capability probe, whatever CPU runs the test: fp32 without fast bf16;
+    with it, bf16 for matrices whose short side is >= CPU_BF16_MIN_SIZE, fp32 below (where fp32
+    is still faster). CUDA is always bf16; NS_DTYPE overrides everything."""
+    monkeypatch.setattr(M, "cpu_fast_bf16", lambda: (fast_bf16, "replaced probe"))
+    big, small = (M.CPU_BF16_MIN_SIZE, 2 * M.CPU_BF16_MIN_SIZE), (8, 8)
+    assert M.default_ns_dtype("cpu", big) == (torch.bfloat16 if fast_bf16 else torch.float32)
+    assert M.default_ns_dtype("cpu", small) == torch.float32
+    assert M.default_ns_dtype("cuda", small) == torch.bfloat16
+    assert M.zeropower_via_newtonschulz5(torch.randn(*big)).dtype == (torch.bfloat16 if fast_bf16 else torch.float32)
+    assert M.zeropower_via_newtonschulz5(torch.randn(*small)).dtype == torch.float32
+    monkeypatch.setattr(M, "NS_DTYPE", torch.float32)
+    assert M.default_ns_dtype("cpu", big) == M.default_ns_dtype("cuda") == torch.float32
+
+
+def test_cpu_probe_is_cached_and_overridable(monkeypatch):
+    fast, why = M.cpu_fast_bf16()
+    assert isinstance(fast, bool) and why
+    assert M.cpu_fast_bf16() is M.cpu_fast_bf16()  # decided once per process
+    for env, want in (("1", True), ("0", False)):
+        monkeypatch.setenv("MUON_CPU_BF16", env)
+        M.cpu_fast_bf16.cache_clear()
+        assert M.cpu_fast_bf16() == (want, f"MUON_CPU_BF16={env}")
+    monkeypatch.delenv("MUON_CPU_BF16")
+    M.cpu_fast_bf16.cache_clear()
+    assert M.cpu_fast_bf16() == (fast, why)
 
 
 def test_unknown_method_is_a_clear_error():
