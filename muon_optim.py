@@ -103,12 +103,21 @@ def default_ns_dtype(device, shape=None):
 
 def _normalized(G, dtype, scale, eps):
     """Cast to the compute dtype and divide by (||G||_F * scale + eps), so that every singular
-    value is <= 1/scale. The norm is taken of G / max|G| and scaled back: a plain sum of squares
-    overflows for entries ~1e20 and underflows for ~1e-20 in fp32/bf16."""
+    value is <= 1/scale. A plain fp32 sum of squares overflows for entries ~1e20 and underflows
+    for ~1e-20; then the norm is taken of G / max|G| and scaled back. On a CPU that safe path runs
+    only when the plain norm is not usable (checking costs nothing there); on GPUs, where a check
+    would sync, it always runs (its extra passes are cheap next to the matmuls)."""
     X = G if G.dtype in (torch.float32, torch.float64) else G.to(torch.float32)
-    amax = X.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(X.dtype).tiny)
-    norm = (X / amax).norm(dim=(-2, -1), keepdim=True) * amax
-    return (X / (norm * scale + eps)).to(dtype)
+    norm = None
+    if X.device.type == "cpu":
+        norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+        if not (torch.isfinite(norm).all() and (norm > 1e-15).all()):
+            norm = None
+    if norm is None:
+        amax = X.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(X.dtype).tiny)
+        norm = (X / amax).norm(dim=(-2, -1), keepdim=True) * amax
+    out = torch.empty(X.shape, dtype=dtype, device=X.device)
+    return torch.mul(X, 1.0 / (norm * scale + eps), out=out)  # scale and cast in one pass
 
 
 def _odd_polynomial_iteration(G, coeffs, dtype, norm_scale, eps):
@@ -445,14 +454,19 @@ def normuon_buffer(O):
 def normuon_normalize(O, second_moment, beta2, eps=1e-10):
     """NorMuon (arXiv 2510.05491): orthogonalized updates still have very uneven per-neuron norms;
     divide each row (or column) by the root of an EMA of its mean square, then rescale to keep the
-    Frobenius norm. Statistics run along the long axis, one per entry, averaged over the short axis.
+    Frobenius norm. Statistics run along the long axis, one per entry, averaged over the short axis
+    (modded-nanogpt's convention; dion and the paper's code normalize per row always).
     second_moment has O's shape with the short axis of size 1; it is updated in place.
-    All-zero updates stay zero (no 0/0)."""
-    O = O.float()
-    second_moment.lerp_(O.square().mean(dim=_short_axis(O.shape), keepdim=True), 1 - beta2)
-    N = O * second_moment.add(eps).rsqrt()
-    norm_in = O.norm(dim=(-2, -1), keepdim=True)
-    return N * (norm_in / N.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30))
+    Both Frobenius norms follow from the per-entry mean squares, so O is read twice and written
+    once (fp32 result). All-zero updates stay zero (no 0/0)."""
+    axis = _short_axis(O.shape)
+    k = O.shape[axis]
+    mean_sq = torch.linalg.vector_norm(O, dim=axis, keepdim=True, dtype=torch.float32).square_().div_(k)
+    second_moment.lerp_(mean_sq, 1 - beta2)
+    inv_rms = second_moment.add(eps).rsqrt()
+    norm_in_sq = mean_sq.sum(dim=(-2, -1), keepdim=True)
+    norm_out_sq = (mean_sq * inv_rms.square()).sum(dim=(-2, -1), keepdim=True)
+    return O * (inv_rms * (norm_in_sq / norm_out_sq.clamp_min(1e-30)).sqrt())
 
 
 def adam_update(grad, exp_avg, exp_avg_sq, step, betas, eps):
