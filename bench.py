@@ -554,10 +554,103 @@ def plot_showdown(results, init_sv, mid, floor):
 
 
 # -----------------------------------------------------------------------------
+# 5. GPU validation: python bench.py --gpu=True (<= 8 min on one H100)
 
-RUNNERS = dict(speed=bench_speed, quality=bench_quality, step=bench_step, showdown=bench_showdown)
+def write_random_shards(data_dir, n_train=2, tokens=4_000_000, vocab=50257):
+    """llm.c-format token shards (what prepare_fineweb.py writes) of random GPT-2 ids: throughput
+    does not depend on the text."""
+    import numpy as np
+    os.makedirs(data_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in ["fineweb_val_000000.bin"] + [f"fineweb_train_{k:06d}.bin" for k in range(1, n_train + 1)]:
+        header = np.zeros(256, dtype=np.int32)
+        header[:3] = 20240520, 1, tokens
+        with open(os.path.join(data_dir, name), "wb") as f:
+            f.write(header.tobytes())
+            f.write(rng.integers(0, vocab, tokens, dtype=np.uint16).tobytes())
+
+
+def train_throughput(optimizer, data_dir, steps=40):
+    """tokens/s and MFU of train_muon.py at its 124M defaults (compile + bf16 autocast), from its
+    metrics.json: the median over the steps after the first 10 (compilation, warm-up)."""
+    import subprocess
+    import tempfile
+    out = tempfile.mkdtemp(prefix=f"bench_{optimizer}_")
+    cmd = [sys.executable, "train_muon.py", f"--optimizers={optimizer}", f"--data_dir={data_dir}", f"--out_dir={out}",
+           f"--max_steps={steps}", f"--eval_every={steps}", "--eval_tokens=65536", "--compile=True"]
+    proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
+    if proc.returncode != 0:
+        return dict(error=(proc.stdout + proc.stderr)[-800:])
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    points = [pt for run in metrics["runs"].values() for pt in run["train"] if pt["step"] >= 10]
+    return dict(tokens_per_s=statistics.median(pt["tokens_per_s"] for pt in points),
+                mfu=statistics.median(pt["mfu"] for pt in points if pt.get("mfu") is not None))
+
+
+def bench_gpu():
+    """One table: tests/test_cuda.py, NS5 vs the matmul bound, Triton vs torch, one optimizer step on
+    all 48 matrices of GPT-2 small (Muon vs AdamW), and 124M training throughput with each."""
+    import subprocess
+    import tempfile
+    if device != "cuda":
+        sys.exit("--gpu=True needs a CUDA GPU (torch.cuda.is_available() is False here)")
+    rows = []
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_cuda.py"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    summary = [l for l in proc.stdout.splitlines() if " passed" in l or " failed" in l or " error" in l]
+    rows.append(("tests/test_cuda.py", summary[-1] if summary else proc.stdout[-300:], ""))
+    gen = torch.Generator().manual_seed(seed)
+    for shape in [(768, 768), (768, 3072), (12, 768, 768)]:
+        G = torch.randn(*shape, generator=gen).to(device)
+        B = math.prod(shape[:-2])
+        m, n = sorted(shape[-2:])
+        Xw = torch.randn(B, m, n, generator=gen).to(device, torch.bfloat16)
+        fns = {"torch": lambda: with_triton(mo.zeropower_via_newtonschulz5, False)(G),
+               "matmul": lambda: torch.bmm(Xw, Xw.mT)}
+        if mo.triton is not None:
+            fns["triton"] = lambda: with_triton(mo.zeropower_via_newtonschulz5, True)(G)
+        t = time_interleaved(fns, n_repeats=20)
+        bound_ms = plain_flops(B, m, n) / (2 * B * m * m * n / t["matmul"]["ms"])
+        rows.append((f"NS5 bf16 {fmt_shape(shape)}, torch", f"{t['torch']['ms']:.3f} ms",
+                     f"{t['torch']['ms'] / bound_ms:.2f}x matmul bound"))
+        if "triton" in t:
+            rows.append((f"NS5 bf16 {fmt_shape(shape)}, Triton", f"{t['triton']['ms']:.3f} ms",
+                         f"{t['triton']['ms'] / bound_ms:.2f}x matmul bound, {t['torch']['ms'] / t['triton']['ms']:.2f}x "
+                         "faster than torch"))
+    shapes = [s for _ in range(12) for s in GPT2_LAYERS.values()]
+    weights = [torch.randn(*s, generator=gen).to(device) * 0.02 for s in shapes]
+
+    def make(kind):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        return {"ours: Muon": lambda: mo.Muon(params, lr=0.02), "torch.optim.Muon": lambda: torch.optim.Muon(params),
+                "torch.optim.AdamW (fused)": lambda: torch.optim.AdamW(params, fused=True)}[kind]().step
+    t = time_interleaved({k: make(k) for k in ("ours: Muon", "torch.optim.Muon", "torch.optim.AdamW (fused)")},
+                         n_repeats=10)
+    adamw_ms = t["torch.optim.AdamW (fused)"]["ms"]
+    for k, v in t.items():
+        rows.append((f"step, 48 GPT-2-small matrices: {k}", f"{v['ms']:.2f} ms", f"{v['ms'] / adamw_ms:.1f}x AdamW"))
+    data_dir = tempfile.mkdtemp(prefix="bench_shards_")
+    write_random_shards(data_dir)
+    for opt in ("muon", "adamw"):
+        r = train_throughput(opt, data_dir)
+        if "error" in r:
+            rows.append((f"train_muon.py 124M, {opt}", "failed", r["error"].replace("\n", " ")[-300:]))
+        else:
+            rows.append((f"train_muon.py 124M, {opt} (compile, bf16)", f"{r['tokens_per_s']:,.0f} tokens/s",
+                         f"MFU {100 * r['mfu']:.1f}%"))
+    md = md_table(["check", "result", "relative"], rows)
+    return dict(rows=[list(r) for r in rows], md=md)
+
+
+# -----------------------------------------------------------------------------
+
+RUNNERS = dict(speed=bench_speed, quality=bench_quality, step=bench_step, showdown=bench_showdown, gpu=bench_gpu)
 TITLES = dict(speed="1. Orthogonalization speed", quality="2. Orthogonalization quality",
-              step="3. Optimizer step time (4 GPT-2-small matrices)", showdown="4. Deep-linear-network showdown")
+              step="3. Optimizer step time (4 GPT-2-small matrices)", showdown="4. Deep-linear-network showdown",
+              gpu="5. GPU validation")
 
 if __name__ == "__main__":
     json_path = os.path.join(out_dir, "results.json")
