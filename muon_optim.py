@@ -870,17 +870,27 @@ def _polar_factor(G):
 
 
 def self_check(shapes=((128, 128), (512, 128), (768, 768), (768, 3072), (4, 256, 256)), repeats=3):
-    """For each shape: singular-value range of the output and RMS error vs the exact SVD polar
-    factor U V^T, for NS5 and Polar Express, and the median time per call on this device."""
+    """For each shape: the compute dtype chosen for it, singular-value range of the output and RMS
+    error vs the exact SVD polar factor U V^T, for NS5 and Polar Express, and the median time per
+    call on this device."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = default_ns_dtype(device)
-    print(f"device={device} compute dtype={dtype} torch={torch.__version__} threads={torch.get_num_threads()}")
-    print(f"{'shape':>16} {'method':>14} {'sv min':>7} {'sv max':>7} {'err vs UV^T':>11} {'ms/call':>9}")
+    if device == "cuda":
+        why = "CUDA: bf16 (tensor cores)"
+    else:
+        fast, reason = cpu_fast_bf16()
+        why = (f"CPU, {reason}: " + (f"bf16 for matrices with both sides >= {CPU_BF16_MIN_SIZE}, fp32 below"
+                                     if fast else "fp32"))
+    if NS_DTYPE is not None:
+        why = f"muon_optim.NS_DTYPE = {NS_DTYPE}"
+    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()}")
+    print(f"default compute dtype: {why}")
+    print(f"{'shape':>16} {'dtype':>9} {'method':>14} {'sv min':>7} {'sv max':>7} {'err vs UV^T':>11} {'ms/call':>9}")
     gen = torch.Generator().manual_seed(0)
     rows = []
     for shape in shapes:
         G = torch.randn(*shape, generator=gen).to(device)
         ref = _polar_factor(G)
+        dtype = default_ns_dtype(device, shape)
         for name, fn in (("newton_schulz", zeropower_via_newtonschulz5), ("polar_express", polar_express)):
             O = fn(G, dtype=dtype)
             times = []
@@ -895,8 +905,11 @@ def self_check(shapes=((128, 128), (512, 128), (768, 768), (768, 3072), (4, 256,
             sv = torch.linalg.svdvals(O.double())
             err = ((O.double() - ref).square().mean().sqrt() / ref.square().mean().sqrt()).item()
             ms = sorted(times)[len(times) // 2] * 1e3
-            rows.append(dict(shape=shape, method=name, sv_min=sv.min().item(), sv_max=sv.max().item(), err=err, ms=ms))
-            print(f"{str(tuple(shape)):>16} {name:>14} {sv.min().item():7.3f} {sv.max().item():7.3f} {err:11.4f} {ms:9.2f}")
+            dt = str(dtype).replace("torch.", "")
+            rows.append(dict(shape=shape, dtype=dt, method=name, sv_min=sv.min().item(), sv_max=sv.max().item(),
+                             err=err, ms=ms))
+            print(f"{str(tuple(shape)):>16} {dt:>9} {name:>14} {sv.min().item():7.3f} {sv.max().item():7.3f} "
+                  f"{err:11.4f} {ms:9.2f}")
     return rows
 
 
