@@ -1,5 +1,6 @@
 """Tests for train_ngpt.py (nGPT + Muon on the hypersphere) and muon_optim's sphere options.
 Everything runs on tiny models and shards written here; well under a minute on 2 CPU cores."""
+import glob
 import json
 import math
 import os
@@ -222,6 +223,22 @@ def test_resume_matches_an_uninterrupted_run(shards, tmp_path, monkeypatch):
     assert torch.load(tmp_path / "ctrl_c" / "ckpt.pt", weights_only=False)["step"] == 4
     check(tmp_path / "ctrl_c")
 
+    # 3) Ctrl-C during the evaluation at step 4: the checkpoint holds step 4 and step 4's data position
+    real_eval, evals = train_ngpt.evaluate, {"n": 0}
+
+    def interrupting_eval(*args):
+        evals["n"] += 1
+        if evals["n"] == 3:  # steps 0, 2, 4
+            raise KeyboardInterrupt
+        return real_eval(*args)
+
+    monkeypatch.setattr(train_ngpt, "evaluate", interrupting_eval)
+    with pytest.raises(KeyboardInterrupt):
+        train_ngpt.train(dict(cfg, out_dir=str(tmp_path / "ctrl_c_eval")), progress=False)
+    monkeypatch.setattr(train_ngpt, "evaluate", real_eval)
+    assert torch.load(tmp_path / "ctrl_c_eval" / "ckpt.pt", weights_only=False)["step"] == 4
+    check(tmp_path / "ctrl_c_eval")
+
 
 def test_bad_inputs_fail_clearly(tmp_path, shards):
     bad = tmp_path / "bad.bin"
@@ -293,3 +310,41 @@ def test_sweep_writes_results_and_plot(shards, tmp_path):
     assert best["muon"]["final_val_loss"] == min(r["final_val_loss"] for r in results)
     assert os.path.exists(tmp_path / "sweep_update" / "results.json")
     assert os.path.exists(tmp_path / "sweep_update" / "sweep_update.png")
+
+
+def test_sweep_reuses_a_run_only_with_the_same_settings_and_code(shards, tmp_path, monkeypatch):
+    """Edit-and-rerun never lies: a finished sweep run is reused only while every setting that can
+    change it and the source_hash of the code (this trainer and muon_optim.py) are the same."""
+    assert [os.path.basename(f) for f in train_ngpt.SOURCE_FILES] == ["train_ngpt.py", "muon_optim.py"]
+    assert train_ngpt.SOURCE_HASH == train_ngpt.source_hash(*train_ngpt.SOURCE_FILES)
+    cfg = tiny_cfg(shards, tmp_path, sweep="lr", sweep_optimizers="muon", sweep_lrs_muon="0.02,0.05", max_steps=2)
+    trained = []
+    real_train = train_ngpt.train
+    monkeypatch.setattr(train_ngpt, "train", lambda c, progress=True: trained.append(c["lr_muon"]) or real_train(c, progress=False))
+    train_ngpt.run_sweep(cfg)
+    assert trained == [0.02, 0.05]
+    with open(tmp_path / "sweep_lr" / "muon_lr0.02" / "metrics.json") as f:
+        assert json.load(f)["source_hash"] == train_ngpt.SOURCE_HASH
+    train_ngpt.run_sweep(dict(cfg, lr_adam=0.1, threads=1, compile=False))  # the Adam baseline's lr, how it runs
+    assert trained == [0.02, 0.05]  # all reused
+    train_ngpt.run_sweep(dict(cfg, eps_adam=1e-6))  # any setting of the run, not a hand-picked list
+    assert trained == [0.02, 0.05] * 2
+    monkeypatch.setattr(train_ngpt, "SOURCE_HASH", "edited00code0000")  # what editing a hashed file does
+    train_ngpt.run_sweep(cfg)
+    assert trained == [0.02, 0.05] * 3
+
+
+def test_wandb_logs_what_metrics_json_holds(shards, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged = []
+    real_log = wandb.Run.log
+    monkeypatch.setattr(wandb.Run, "log", lambda self, data, step=None, **kw: logged.append((step, data))
+                        or real_log(self, data, step=step, **kw))
+    m = train_ngpt.train(tiny_cfg(shards, tmp_path, max_steps=4, wandb_log=True), progress=False)
+    run = m["runs"]["ngpt-muon"]
+    expected = [(p["step"], {f"train/{k}": v for k, v in p.items()}) for p in run["train"]]
+    expected += [(p["step"], {f"val/{k}": v for k, v in p.items()}) for p in run["val"]]
+    assert sorted(logged, key=str) == sorted(expected, key=str)
+    assert glob.glob(str(tmp_path / "wandb" / "offline-run-*"))  # a real offline run, in out_dir
