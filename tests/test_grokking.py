@@ -249,6 +249,9 @@ def test_rerun_reuses_only_runs_with_the_same_settings(tmp_path):
     assert forced["settings"] == first["adamw"]["settings"]
     with open(tmp_path / "runs" / f"{forced['name']}.json") as f:
         assert json.load(f)["wall_s"] == forced["wall_s"]  # retrained and rewritten
+    (tmp_path / "runs" / f"{forced['name']}.json").write_text('{"name": "trunc')  # e.g. edited by hand
+    redone = tg.main(tiny(tmp_path, "--optimizers=adamw"))["runs"][0]
+    assert redone["settings"] == first["adamw"]["settings"] and redone["source_hash"] == tg.SOURCE_HASH
 
 
 def test_edit_and_rerun_retrains(tmp_path):
