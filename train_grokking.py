@@ -13,8 +13,13 @@ results.json (one record per run + the study summary), runs/<run>.json (record +
 ckpt/<run>.pt (model + optimizer + step, written atomically, also on Ctrl-C), grokking.png and,
 in study mode, grokking_study.png.
 
-Every constant below can be overridden as --name=value.
+Rerunning a command reuses a finished run in out_dir/runs only if its record has the same settings
+(every constant below that can change the run) and the same source_hash (of this file,
+model_tiny.py and muon_optim.py); anything else is retrained. --resume=False retrains everything.
+
+Every constant below can be overridden as --name=value (flags: True/False, lists: comma-separated).
 """
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -22,14 +27,15 @@ import os
 import statistics
 import sys
 import time
-from ast import literal_eval
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import model_tiny
+import muon_optim
 from model_tiny import TinyConfig, TinyTransformer
-from muon_optim import Muon, muon_param_groups
+from muon_optim import Muon
 
 # -----------------------------------------------------------------------------
 # config (override with --name=value)
@@ -44,30 +50,43 @@ eval_every = 20  # full train + val evaluation every this many steps (the grok-s
 threshold = 0.99  # memorized: train acc >= threshold; grokked: val acc >= threshold (0.95 also recorded)
 stop_on_grok = True  # end a run at its grok step (saves compute in studies)
 warmup_steps = 10  # linear LR warmup, as in Power et al.
-lr_adamw = 3e-3  # AdamW on every parameter (Power et al.: 1e-3, betas (0.9, 0.98), wd 1)
-weight_decay = 1.0  # AdamW decoupled weight decay (also for the AdamW groups of the Muon run)
-adam_beta2 = 0.98
-lr_muon = 0.05  # Muon on the hidden matrices (attention and MLP weights)
-weight_decay_muon = 0.5  # Muon's decoupled weight decay: W <- W * (1 - lr_muon * weight_decay_muon)
-lr_muon_aux = 1e-2  # the Muon run's AdamW lr for embeddings, head, norms and biases
-ns_method = "newton_schulz"  # newton_schulz | polar_express | gram_newton_schulz
+# the AdamW run: AdamW on every parameter (Power et al.: lr 1e-3, betas (0.9, 0.98), wd 1)
+lr_adamw = 3e-3
+betas_adamw = "0.9,0.98"  # also for the Muon run's AdamW groups
+eps_adamw = 1e-8
+weight_decay = 1.0  # AdamW decoupled weight decay (also for the Muon run's AdamW groups)
+# the Muon run: Muon on the hidden matrices (attention and MLP weights), AdamW on the rest
+lr_muon = 0.05
 momentum_muon = 0.95
+weight_decay_muon = 0.5  # Muon's decoupled weight decay: W <- W * (1 - lr_muon * weight_decay_muon)
+ns_method = "newton_schulz"  # newton_schulz | polar_express | gram_newton_schulz
+lr_muon_aux = 1e-2  # the Muon run's AdamW lr for embeddings, head, norms and biases
+# model
 n_layer = 2
 d_model = 128
 n_head = 4
 d_mlp = 512
 prenorm = False
-tune_lrs_adamw = ""  # fair tuning: comma list of lr_adamw values tried on tune_seeds ...
+# fair tuning
+tune_lrs_adamw = ""  # comma list of lr_adamw values tried on tune_seeds ...
 tune_lrs_muon = ""  # ... and of lr_muon values; the best (lowest mean grok step) is used on `seeds`
 tune_seeds = ""  # must be disjoint from `seeds`
+# system
 jobs = 1  # runs in parallel processes (each with 1 thread); 1: in this process, live tqdm per run
 threads = 0  # torch threads for jobs=1; 0: all cores
-resume = True  # reuse finished runs found in out_dir/runs with the same settings
-save_checkpoints = True
+resume = True  # reuse finished runs in out_dir/runs with the same settings and source_hash; False: retrain
+save_checkpoint = True  # ckpt/<run>.pt at the end of each run and on Ctrl-C
 out_dir = "out/grokking"
 device = "auto"  # auto | cpu | cuda
 # -----------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+# settings that choose which runs a study holds, or where / how fast they run, not what a run computes
+# (device, threads and jobs change results only at float rounding); every other constant is part of a
+# run's settings. The Muon knobs are left out of an AdamW run, so the AdamW baseline is shared.
+NOT_RUN_SETTINGS = ("task", "optimizers", "seeds", "lr_adamw", "lr_muon", "tune_lrs_adamw", "tune_lrs_muon",
+                    "tune_seeds", "jobs", "threads", "resume", "save_checkpoint", "out_dir", "device")
+MUON_ONLY = ("lr_muon_aux", "momentum_muon", "weight_decay_muon", "ns_method")
+SOURCE_FILES = (os.path.abspath(__file__), model_tiny.__file__, muon_optim.__file__)  # the code a run executes
 TASKS = {  # name -> (answer as a function of integer tensors x, y and the modulus, op token text)
     "add": (lambda x, y, p: (x + y) % p, "+"),
     "sub": (lambda x, y, p: (x - y) % p, "-"),
@@ -78,28 +97,66 @@ TASKS = {  # name -> (answer as a function of integer tensors x, y and the modul
     "x3xy": (lambda x, y, p: (x * x * x + x * y) % p, "x^3+xy"),
 }
 
+# -----------------------------------------------------------------------------
+# pasted helpers (identical in every script, see tests/test_consistency.py)
 
 def parse_overrides(argv, defaults):
-    """nanoGPT-style --name=value overrides; values are Python literals, else strings."""
-    cfg = dict(defaults)
+    """--name=value overrides of the constants at the top of a script (nanoGPT style).
+    Flags are True/False; ints and floats are parsed as numbers (--eval_tokens=1e5 is an int if
+    whole); strings are taken as written; lists are comma-separated strings. Unknown names and
+    values of the wrong type stop with a message that lists the valid choices."""
+    config = dict(defaults)
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"bad argument {arg!r}: use --name=value, e.g. --task=add (names: {', '.join(cfg)})")
-        key, val = arg[2:].split("=", 1)
-        if key not in cfg:
-            raise SystemExit(f"unknown option --{key}; valid options: {', '.join(cfg)}")
-        try:
-            val = literal_eval(val)
-        except (ValueError, SyntaxError):
-            pass  # a plain string such as --task=add
-        if isinstance(cfg[key], str) and not isinstance(val, str):
-            val = ",".join(map(str, val)) if isinstance(val, tuple) else str(val)  # --seeds=0,1 parses as a tuple
-        elif isinstance(cfg[key], float) and isinstance(val, int) and not isinstance(val, bool):
-            val = float(val)
-        if type(val) is not type(cfg[key]):
-            raise SystemExit(f"--{key}={val!r}: expected a {type(cfg[key]).__name__} like {cfg[key]!r}")
-        cfg[key] = val
-    return cfg
+            raise SystemExit(f"bad argument {arg!r}: use --name=value (names: {', '.join(config)})")
+        key, text = arg[2:].split("=", 1)
+        if key not in config:
+            raise SystemExit(f"unknown setting --{key}; known: {', '.join(config)}")
+        default = config[key]
+        if isinstance(default, bool):
+            if text not in ("True", "False"):
+                raise SystemExit(f"--{key}={text}: expected True or False")
+            value = text == "True"
+        elif isinstance(default, (int, float)):
+            try:
+                value = float(text)
+            except ValueError:
+                raise SystemExit(f"--{key}={text}: expected a number") from None
+            if isinstance(default, int):
+                if not value.is_integer():
+                    raise SystemExit(f"--{key}={text}: expected a whole number")
+                value = int(value)
+        else:
+            value = text
+        config[key] = value
+    return config
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file, then rename: an interrupted save never leaves a truncated file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(obj, path):
+    """json.dump to a temp file, then rename."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def source_hash(*paths):
+    """sha256 (first 16 hex digits) of the source files that determine a run: a cached result is
+    reused only when the code that made it is unchanged."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+SOURCE_HASH = source_hash(*SOURCE_FILES)  # of the code this process runs (a spawned job hashes its own)
 
 
 def parse_list(text, kind, name):
@@ -107,6 +164,13 @@ def parse_list(text, kind, name):
         return [kind(t) for t in str(text).split(",") if t.strip()]
     except ValueError:
         raise SystemExit(f"--{name}={text!r}: expected a comma list of {kind.__name__}s, e.g. 0,1,2") from None
+
+
+def parse_betas(text, name):
+    betas = parse_list(text, float, name)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise SystemExit(f"--{name}={text!r}: expected two numbers in [0, 1), e.g. --{name}=0.9,0.98")
+    return tuple(betas)
 
 
 # -----------------------------------------------------------------------------
@@ -166,16 +230,27 @@ def batch_sequence(n_train, batch_size, seed):
 # -----------------------------------------------------------------------------
 # one run
 
-def make_optimizer(name, model, cfg, lr):
-    betas = (0.9, cfg["adam_beta2"])
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=cfg["weight_decay"])
-    if name == "muon":  # hidden matrices -> Muon; embeddings, head, norms, biases -> AdamW
-        groups = muon_param_groups(model, lr=lr, weight_decay=cfg["weight_decay_muon"], adam_lr=cfg["lr_muon_aux"],
-                                   adam_betas=betas, adam_eps=1e-8, adam_weight_decay=cfg["weight_decay"],
-                                   ns_method=cfg["ns_method"], momentum=cfg["momentum_muon"])
-        return Muon(groups, distributed=False)
-    raise ValueError(f"unknown optimizer {name!r}; choose adamw or muon")
+def model_config(cfg):
+    return TinyConfig(vocab_size=cfg["p"] + 2, n_classes=cfg["p"], n_layer=cfg["n_layer"], d_model=cfg["d_model"],
+                      n_head=cfg["n_head"], d_mlp=cfg["d_mlp"], prenorm=cfg["prenorm"])
+
+
+def make_optimizer(opt_name, model, cfg, lr):
+    """AdamW on every parameter; or Muon on the hidden matrices (attention and MLP weights) with
+    AdamW on what Muon is not meant for: embeddings and head (one-hot-like inputs and outputs),
+    LayerNorm gains and biases (not matrices)."""
+    betas = parse_betas(cfg["betas_adamw"], "betas_adamw")
+    if opt_name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, eps=cfg["eps_adamw"],
+                                 weight_decay=cfg["weight_decay"])
+    if opt_name != "muon":
+        raise ValueError(f"unknown optimizer {opt_name!r}; choose adamw or muon")
+    hidden = [p for block in model.blocks for p in block.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if not any(p is h for h in hidden)]  # embeddings, head, gains, biases
+    return Muon([dict(params=hidden, use_muon=True, lr=lr, momentum=cfg["momentum_muon"],
+                      weight_decay=cfg["weight_decay_muon"], ns_method=cfg["ns_method"]),
+                 dict(params=rest, use_muon=False, lr=cfg["lr_muon_aux"], betas=betas, eps=cfg["eps_adamw"],
+                      weight_decay=cfg["weight_decay"])], distributed=False)
 
 
 @torch.no_grad()
@@ -193,26 +268,23 @@ def run_name(task_name, opt_name, lr, seed):
 
 
 def run_settings(cfg, task_name, opt_name, lr, seed):
-    """Everything that determines a run's outcome (used to match cached runs)."""
-    keys = ["p", "train_frac", "max_steps", "batch_size", "eval_every", "threshold", "stop_on_grok", "warmup_steps",
-            "weight_decay", "adam_beta2", "n_layer", "d_model", "n_head", "d_mlp", "prenorm"]
-    if opt_name == "muon":
-        keys += ["weight_decay_muon", "lr_muon_aux", "ns_method", "momentum_muon"]
-    return dict({k: cfg[k] for k in keys}, task=task_name, optimizer=opt_name, lr=lr, seed=seed)
+    """Every setting that determines a run (see NOT_RUN_SETTINGS for the few that do not): a cached
+    run is reused only when these and the source_hash match, so a new constant is covered by default."""
+    skip = NOT_RUN_SETTINGS + (MUON_ONLY if opt_name == "adamw" else ())
+    return dict({k: v for k, v in cfg.items() if k not in skip}, task=task_name, optimizer=opt_name, lr=lr, seed=seed)
 
 
-def save_atomic(obj, path, as_json=False):
-    tmp = path + ".tmp"
-    if as_json:
-        with open(tmp, "w") as f:
-            json.dump(obj, f)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device=cuda but no CUDA device is available; use --device=cpu")
+    return name
 
 
 def train_run(cfg, task_name, opt_name, lr, seed, phase="eval", show_bar=True):
-    """Train one model; returns the run's record (with its curves). Ctrl-C saves a checkpoint and re-raises."""
+    """Train one model; returns the run's record (with its curves), also written to runs/<name>.json.
+    Ctrl-C saves a checkpoint and re-raises."""
     dev = resolve_device(cfg["device"])
     X, Y = make_dataset(task_name, cfg["p"])
     train_idx, val_idx = split_indices(len(X), cfg["train_frac"], seed)
@@ -221,34 +293,29 @@ def train_run(cfg, task_name, opt_name, lr, seed, phase="eval", show_bar=True):
     X, Y, masks = X.to(dev), Y.to(dev), [m.to(dev) for m in masks]
     Xtr, Ytr = X[train_idx.to(dev)], Y[train_idx.to(dev)]
     torch.manual_seed(seed)  # same initial weights for every optimizer
-    mcfg = TinyConfig(vocab_size=cfg["p"] + 2, n_classes=cfg["p"], n_layer=cfg["n_layer"], d_model=cfg["d_model"],
-                      n_head=cfg["n_head"], d_mlp=cfg["d_mlp"], prenorm=cfg["prenorm"])
-    model = TinyTransformer(mcfg).to(dev)
+    model = TinyTransformer(model_config(cfg)).to(dev)
     opt = make_optimizer(opt_name, model, cfg, lr)
     base_lrs = [g["lr"] for g in opt.param_groups]
     batches = batch_sequence(len(train_idx), cfg["batch_size"], seed)
-    name = run_name(task_name, opt_name, lr, seed)
+    name, settings = run_name(task_name, opt_name, lr, seed), run_settings(cfg, task_name, opt_name, lr, seed)
     curve = dict(step=[], train_loss=[], train_acc=[], val_loss=[], val_acc=[])
     marks = dict(memorize_step=None, grok_step=None, grok_step_95=None)
-    step, interrupted, t0 = 0, False, time.perf_counter()
+    step, t0 = 0, time.perf_counter()
     bar = tqdm(total=cfg["max_steps"], desc=f"{name:<32}", disable=not show_bar, leave=True, dynamic_ncols=True)
-
-    def record_eval():
-        (trl, tra), (val, vaa) = evaluate(model, X, Y, masks)
-        for k, v in zip(curve, (step, trl, tra, val, vaa)):
-            curve[k].append(v)
-        if marks["memorize_step"] is None and tra >= cfg["threshold"]:
-            marks["memorize_step"] = step
-        if marks["grok_step_95"] is None and vaa >= 0.95:
-            marks["grok_step_95"] = step
-        if marks["grok_step"] is None and vaa >= cfg["threshold"]:
-            marks["grok_step"] = step
-        bar.set_postfix(train=f"{tra:.3f}", val=f"{vaa:.3f}", refresh=False)
-
     try:
         model.train()
-        record_eval()
-        while step < cfg["max_steps"] and not (cfg["stop_on_grok"] and marks["grok_step"] is not None):
+        while True:
+            if step % cfg["eval_every"] == 0 or step == cfg["max_steps"]:  # step 0, every eval_every, the last
+                (trl, tra), (val, vaa) = evaluate(model, X, Y, masks)
+                for k, v in zip(curve, (step, trl, tra, val, vaa)):
+                    curve[k].append(v)
+                for mark, acc, level in (("memorize_step", tra, cfg["threshold"]), ("grok_step_95", vaa, 0.95),
+                                         ("grok_step", vaa, cfg["threshold"])):
+                    if marks[mark] is None and acc >= level:
+                        marks[mark] = step
+                bar.set_postfix(train=f"{tra:.3f}", val=f"{vaa:.3f}", refresh=False)
+                if step == cfg["max_steps"] or (cfg["stop_on_grok"] and marks["grok_step"] is not None):
+                    break
             scale = min(1.0, (step + 1) / cfg["warmup_steps"]) if cfg["warmup_steps"] > 0 else 1.0
             for g, base in zip(opt.param_groups, base_lrs):
                 g["lr"] = base * scale
@@ -259,50 +326,43 @@ def train_run(cfg, task_name, opt_name, lr, seed, phase="eval", show_bar=True):
             opt.step()
             step += 1
             bar.update(1)
-            if step % cfg["eval_every"] == 0 or step == cfg["max_steps"]:
-                record_eval()
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
+    finally:  # also on Ctrl-C: the checkpoint holds the model at `step`
         bar.close()
         wall_s = time.perf_counter() - t0
-        if cfg["save_checkpoints"]:
+        if cfg["save_checkpoint"]:
             os.makedirs(os.path.join(cfg["out_dir"], "ckpt"), exist_ok=True)
-            save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, model_config=vars(mcfg),
-                             settings=run_settings(cfg, task_name, opt_name, lr, seed)),
-                        os.path.join(cfg["out_dir"], "ckpt", name + ".pt"))
-    if interrupted:
-        raise KeyboardInterrupt
+            atomic_save(dict(script="train_grokking.py", model=model.state_dict(), optimizer=opt.state_dict(),
+                             step=step, model_config=vars(model_config(cfg)), settings=settings,
+                             source_hash=SOURCE_HASH), os.path.join(cfg["out_dir"], "ckpt", name + ".pt"))
     record = dict(name=name, task=task_name, p=cfg["p"], train_frac=cfg["train_frac"], optimizer=opt_name, lr=lr,
                   seed=seed, phase=phase, **marks, censored=marks["grok_step"] is None, steps_run=step,
                   max_steps=cfg["max_steps"], final_train_loss=curve["train_loss"][-1],
                   final_train_acc=curve["train_acc"][-1], final_val_loss=curve["val_loss"][-1],
                   final_val_acc=curve["val_acc"][-1], wall_s=round(wall_s, 2), n_params=model.num_params(),
-                  settings=run_settings(cfg, task_name, opt_name, lr, seed), curve=curve)
+                  settings=settings, source_hash=SOURCE_HASH,
+                  source_files=[os.path.basename(f) for f in SOURCE_FILES], curve=curve)
     os.makedirs(os.path.join(cfg["out_dir"], "runs"), exist_ok=True)
-    save_atomic(record, os.path.join(cfg["out_dir"], "runs", name + ".json"), as_json=True)
+    atomic_write_json(record, os.path.join(cfg["out_dir"], "runs", name + ".json"))
     return record
-
-
-def resolve_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device=cuda but no CUDA device is available; use --device=cpu")
-    return name
 
 
 def cached_run(cfg, spec, phase=None):
-    """The finished run of this spec in out_dir/runs, if its settings match (resume)."""
+    """(record, why): the finished run of this spec in out_dir/runs if its settings and source_hash
+    match the current ones (then why is None); else None and the reason it cannot be reused."""
     path = os.path.join(cfg["out_dir"], "runs", run_name(*spec[:4]) + ".json")
     if not ((cfg["resume"] or phase) and os.path.exists(path)):
-        return None
-    with open(path) as f:
-        record = json.load(f)
+        return None, None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except ValueError:
+        return None, "unreadable"
     if record.get("settings") != run_settings(cfg, *spec[:4]):
-        return None
+        return None, "settings changed"
+    if record.get("source_hash") != SOURCE_HASH:
+        return None, "code changed"
     record["phase"] = spec[4]  # the same run can serve as a tuning run of one study and an eval run of another
-    return record
+    return record, None
 
 
 def _worker(args):
@@ -314,10 +374,13 @@ def _worker(args):
 def run_many(cfg, specs, desc, pool=None):
     """Run (task, optimizer, lr, seed, phase) specs, reusing cached ones; returns records in spec order.
     With a process pool the runs go in parallel and one bar counts finished runs."""
-    results = {i: r for i, s in enumerate(specs) if (r := cached_run(cfg, s)) is not None}
+    cached = [cached_run(cfg, s) for s in specs]
+    results = {i: r for i, (r, _) in enumerate(cached) if r is not None}
     todo = [i for i in range(len(specs)) if i not in results]
-    if len(results):
-        print(f"{desc}: reusing {len(results)} finished run(s) from {cfg['out_dir']}/runs")
+    stale = [why for _, why in cached if why]
+    if results or stale:
+        print(f"{desc}: reusing {len(results)} finished run(s) from {cfg['out_dir']}/runs"
+              + (f"; retraining {len(stale)} ({', '.join(sorted(set(stale)))})" if stale else ""))
     if pool is None:
         for i in todo:
             results[i] = train_run(cfg, *specs[i])
@@ -515,7 +578,10 @@ def plot_study(records, opt_names, path):
 
 # -----------------------------------------------------------------------------
 
+
 def main(cfg):
+    """The study: for each task, (fair tuning on tune_seeds, then) every optimizer on every seed.
+    Returns what it writes to results.json."""
     task_names = list(TASKS) if cfg["task"] == "all" else parse_list(cfg["task"], str, "task")
     for t in task_names:
         make_dataset(t, cfg["p"])  # fails early and clearly on an unknown task or a non-prime p for div
@@ -535,14 +601,14 @@ def main(cfg):
                          "and reporting on the same seeds is not a fair comparison; use disjoint sets")
     if cfg["eval_every"] < 1 or cfg["max_steps"] < 1 or cfg["batch_size"] < 1:
         raise ValueError("eval_every, max_steps and batch_size must be >= 1")
+    parse_betas(cfg["betas_adamw"], "betas_adamw")
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
     os.makedirs(cfg["out_dir"], exist_ok=True)
     print(f"device={resolve_device(cfg['device'])} threads={torch.get_num_threads()} jobs={cfg['jobs']} "
-          f"tasks={','.join(task_names)} p={cfg['p']} train_frac={cfg['train_frac']} seeds={seed_list}")
-    n_params = TinyTransformer(TinyConfig(vocab_size=cfg["p"] + 2, n_classes=cfg["p"], n_layer=cfg["n_layer"],
-                                          d_model=cfg["d_model"], n_head=cfg["n_head"], d_mlp=cfg["d_mlp"],
-                                          prenorm=cfg["prenorm"])).num_params()
+          f"tasks={','.join(task_names)} p={cfg['p']} train_frac={cfg['train_frac']} seeds={seed_list} "
+          f"source_hash={SOURCE_HASH}")
+    n_params = TinyTransformer(model_config(cfg)).num_params()
     print(f"model: {cfg['n_layer']} layers, d_model {cfg['d_model']}, {n_params:,} parameters")
 
     records, tuned = [], {}
@@ -559,14 +625,7 @@ def main(cfg):
                 tune_records = run_many(cfg, specs, f"tuning {t}", pool)
                 records += tune_records
                 for o in opt_names:
-                    scores = {}  # mean grok step (censored at max_steps); ties (e.g. all censored): higher final val acc
-                    for lr in grid[o]:
-                        rs = [r for r in tune_records if r["optimizer"] == o and r["lr"] == lr]
-                        scores[lr] = (statistics.mean(steps_or_max(rs)), -statistics.mean(r["final_val_acc"] for r in rs))
-                    tuned[(t, o)] = min(scores, key=lambda lr: (scores[lr], lr))
-                    print(f"tuning {t:<8} {o:<6} on seeds {tune_seed_list} (mean grok step, censored at max_steps; "
-                          "final val acc): " + "  ".join(f"lr {lr:g}: {s:g} ({-a:.3f})" for lr, (s, a) in scores.items())
-                          + f"  -> {tuned[(t, o)]:g}")
+                    tuned[(t, o)] = pick_lr(tune_records, t, o, grid[o], tune_seed_list)
             specs = [(t, o, tuned.get((t, o), default_lr[o]), s, "eval") for s in seed_list for o in opt_names]
             all_specs += specs
             records += run_many(cfg, specs, f"runs {t}", pool)
@@ -574,13 +633,27 @@ def main(cfg):
         if pool is not None:
             pool.terminate()
         print("\ninterrupted: checkpoints saved; writing the results of the finished runs")
-        done = [r for s in all_specs if (r := cached_run(cfg, s, phase=s[4])) is not None]
+        done = [r for s in all_specs if (r := cached_run(cfg, s, phase=s[4])[0]) is not None]
         write_results(cfg, done, task_names, opt_names, tuned, interrupted=True)
         raise SystemExit(130)
     finally:
         if pool is not None:
             pool.close()
     return write_results(cfg, records, task_names, opt_names, tuned)
+
+
+def pick_lr(tune_records, t, o, lrs, tune_seed_list):
+    """Fair tuning: the LR with the lowest mean grok step on the tuning seeds (censored at
+    max_steps); ties (e.g. all censored) go to the higher mean final val acc, then the lower LR."""
+    scores = {}
+    for lr in lrs:
+        rs = [r for r in tune_records if r["optimizer"] == o and r["lr"] == lr]
+        scores[lr] = (statistics.mean(steps_or_max(rs)), -statistics.mean(r["final_val_acc"] for r in rs))
+    best = min(scores, key=lambda lr: (scores[lr], lr))
+    print(f"tuning {t:<8} {o:<6} on seeds {tune_seed_list} (mean grok step, censored at max_steps; "
+          "final val acc): " + "  ".join(f"lr {lr:g}: {s:g} ({-a:.3f})" for lr, (s, a) in scores.items())
+          + f"  -> {best:g}")
+    return best
 
 
 def write_results(cfg, records, task_names, opt_names, tuned, interrupted=False):
@@ -591,11 +664,11 @@ def write_results(cfg, records, task_names, opt_names, tuned, interrupted=False)
     study = len(task_names) > 1 or len({r["seed"] for r in eval_records}) > 1
     if study and eval_records:
         print_study_table(summary, opt_names)
-    out = dict(config=cfg, interrupted=interrupted,
+    out = dict(config=cfg, source_hash=SOURCE_HASH, interrupted=interrupted,
                tuned_lr={f"{t}/{o}": lr for (t, o), lr in tuned.items()}, summary=summary,
                runs=[{k: v for k, v in r.items() if k != "curve"} for r in records])
     path = os.path.join(cfg["out_dir"], "results.json")
-    save_atomic(out, path, as_json=True)
+    atomic_write_json(out, path)
     print(f"\nwrote {path} (per-run curves in {cfg['out_dir']}/runs/, checkpoints in {cfg['out_dir']}/ckpt/)")
     if eval_records:
         plot_curves(eval_records, os.path.join(cfg["out_dir"], "grokking.png"))
@@ -607,7 +680,8 @@ def write_results(cfg, records, task_names, opt_names, tuned, interrupted=False)
 
 
 if __name__ == "__main__":
+    config = parse_overrides(sys.argv[1:], {k: globals()[k] for k in CONFIG_KEYS})
     try:
-        main(parse_overrides(sys.argv[1:], {k: globals()[k] for k in CONFIG_KEYS}))
+        main(config)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None

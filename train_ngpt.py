@@ -3,24 +3,27 @@ train_ngpt.py -- nGPT (the normalized transformer, Loshchilov et al. 2024, arXiv
 with Adam or with Muon while every weight vector stays on its unit hypersphere.
 
     python train_ngpt.py                                   # GPU-sized defaults, shards from prepare_fineweb.py
-    python train_ngpt.py --optimizer=adam --adam_lr=5e-4   # the paper's baseline
+    python train_ngpt.py --optimizer=adam --lr_adam=5e-4   # the paper's baseline
     python train_ngpt.py --sphere=geodesic                 # Muon steps along great circles
     python train_ngpt.py --sweep=lr                        # built-in sweeps: lr | proj_every | update | toggles
-    python train_ngpt.py --resume=1                        # continue from out_dir/ckpt.pt
+    python train_ngpt.py --stop_after_steps=500            # checkpoint and exit; --resume=True continues exactly
+    python train_ngpt.py --wandb_log=True                  # also log metrics.json's numbers to Weights & Biases
 
-Every constant below can be overridden as --name=value. The model lives in this file; the
-sphere-respecting updates ('project', 'geodesic', 'geodesic_scaled', lazy projection every k
-steps) are per-group options of muon_optim.Muon, so they work for Muon and AdamW groups alike.
-Data: llm.c / modded-nanogpt token shards (256 x int32 header: magic 20240520, version 1, token
-count; then uint16 tokens), e.g. written by prepare_fineweb.py.
+Every constant below can be overridden as --name=value (flags: True/False, lists: comma-separated).
+The model lives in this file; the sphere-respecting updates ('project', 'geodesic',
+'geodesic_scaled', lazy projection every k steps) are per-group options of muon_optim.Muon, so they
+work for Muon and Adam groups alike. Data: llm.c / modded-nanogpt token shards (256 x int32 header:
+magic 20240520, version 1, token count; then uint16 tokens), e.g. written by prepare_fineweb.py.
+A sweep reuses a finished run (of any sweep under out_dir) only if every setting that can change it
+and the source_hash (of this file and muon_optim.py) match; metrics.json records both.
 """
 import glob
+import hashlib
 import json
 import math
 import os
 import sys
 import time
-from ast import literal_eval
 from contextlib import nullcontext
 
 import numpy as np
@@ -29,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import muon_optim
 from muon_optim import Muon
 
 # -----------------------------------------------------------------------------
@@ -54,95 +58,209 @@ grad_accum_steps = 8
 optimizer = "muon"  # 'muon' (Muon on the matrices, Adam on embed/head/scalars) | 'adam' (the paper's baseline)
 max_steps = 6000
 cooldown_frac = 0.3  # constant LR, then linear decay to 0 over the last 30%
-muon_lr = 0.01  # Muon on the hidden matrices (on the sphere Muon wants a smaller LR than GPT's 0.05)
-muon_momentum = 0.95
-adam_lr = 5e-4  # Adam: every parameter when optimizer='adam'; embed, head and scalars when 'muon'
-adam_betas = (0.9, 0.95)
-adam_eps = 1e-8
-ns_method = "newton_schulz"  # 'newton_schulz' (NS5) | 'polar_express'
-normuon = 0.0  # NorMuon beta2 (e.g. 0.95); 0 = off
-weight_decay = 0.0  # on the hidden matrices; a uniform decay is undone by the projection anyway
-cautious_wd = 0  # 1: decay only where update and weight agree in sign (this one survives the projection)
+lr_muon = 0.01  # Muon on the hidden matrices (on the sphere Muon wants a smaller LR than GPT's 0.05)
+momentum_muon = 0.95
+ns_method = "newton_schulz"  # 'newton_schulz' (NS5) | 'polar_express' | 'gram_newton_schulz'
+normuon = 0.0  # NorMuon beta2 (e.g. 0.95); 0.0 = off
+weight_decay_muon = 0.0  # on the hidden matrices; a uniform decay is undone by the projection anyway
+lr_embed = 5e-4  # the Muon run's Adam groups: embedding, head, scalars (alphas and scales)
+lr_head = 5e-4
+lr_scalar = 5e-4
+lr_adam = 5e-4  # optimizer='adam': Adam on every parameter
+weight_decay = 0.0  # optimizer='adam': decay on the hidden matrices
+betas_adam = "0.9,0.95"  # every Adam group, in both runs
+eps_adam = 1e-8
+cautious_wd = False  # decay only where update and weight agree in sign (this one survives the projection)
 sphere = "project"  # how hidden matrices stay on the sphere: 'project' | 'geodesic' | 'geodesic_scaled'
 proj_every = 1  # lazy projection: renormalize every k steps ('project' only; embed/head follow it too)
-# evaluation, checkpoints
+# evaluation, checkpoints, logging
 eval_every = 250
 eval_tokens = 10 * 65536  # a fixed slice from the start of the val shard
 ckpt_every = 1000  # 0 = only at the end and on Ctrl-C
-stop_after_steps = 0  # > 0: checkpoint and exit after this many steps; --resume=1 continues
-save_checkpoint = 1  # 0: no ckpt.pt (the sweeps)
-resume = 0
+stop_after_steps = 0  # > 0: checkpoint and exit after this many steps; --resume=True continues
+save_checkpoint = True  # False: no ckpt.pt (the sweeps)
+resume = False  # continue from out_dir/ckpt.pt (same settings required)
 out_dir = "out/ngpt"
+wandb_log = False  # True: also log the metrics.json numbers to wandb (pip install wandb)
+wandb_project = "muon-lab"
+wandb_run_name = ""  # '' = ngpt-<optimizer>-<out_dir's last folder>
 # system
 device = "auto"  # auto = cuda if available, else cpu
-compile = 1  # torch.compile (CUDA only; ignored on CPU)
-num_threads = 0  # CPU threads for torch (0 = torch's default)
+compile = True  # torch.compile (CUDA only; ignored on CPU)
+threads = 0  # CPU threads for torch (0 = torch's default)
 seed = 1337
 # built-in experiments
 sweep = ""  # '' | 'lr' | 'proj_every' | 'update' | 'toggles'
-sweep_optimizers = ("muon", "adam")  # which optimizers a sweep covers (toggles: Muon only)
-sweep_muon_lrs = (0.001, 0.003, 0.01, 0.023, 0.05, 0.1)
-sweep_adam_lrs = (5e-4, 1.5e-3, 5e-3, 1.5e-2, 3e-2, 5e-2)
-sweep_proj_every = (1, 3, 5, 7, 10, 15, 20)
+sweep_optimizers = "muon,adam"  # which optimizers a sweep covers (toggles: Muon only)
+sweep_lrs_muon = "0.001,0.003,0.01,0.023,0.05,0.1"  # the lr sweep's lr_muon values
+sweep_lrs_adam = "5e-4,1.5e-3,5e-3,1.5e-2,3e-2,5e-2"  # ... and lr_adam values
+sweep_proj_every = "1,3,5,7,10,15,20"
 # -----------------------------------------------------------------------------
 CONFIG = {k: v for k, v in dict(globals()).items()
-          if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str, tuple))}
-
-
-def parse_overrides(argv, defaults):
-    """--name=value overrides (values parsed as Python literals, else kept as strings), with the
-    type checked against the default so that a typo fails loudly instead of training the wrong model."""
-    cfg = dict(defaults)
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"bad argument {arg!r}: use --name=value, e.g. --muon_lr=0.01")
-        name, raw = arg[2:].split("=", 1)
-        if name not in cfg:
-            raise SystemExit(f"unknown setting {name!r}; known: {', '.join(sorted(cfg))}")
-        try:
-            value = literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        default = cfg[name]
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(default, int) and isinstance(value, float) and value.is_integer():
-            value = int(value)  # --eval_tokens=1e5
-        if isinstance(default, tuple) and isinstance(value, (int, float, str)):
-            value = tuple(value.split(",")) if isinstance(value, str) else (value,)  # --sweep_optimizers=muon
-        if type(value) is not type(default):
-            raise SystemExit(f"--{name}={raw}: expected a {type(default).__name__} like {default!r}")
-        cfg[name] = value
-    return cfg
-
+          if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str))}
+# settings that only say where, how fast or how often to save: every other constant is part of a run's
+# settings (what a finished run is matched on, and what --resume=True requires to be unchanged);
+# an Adam run ignores the Muon knobs and a Muon run the Adam baseline's, so sweeps share those runs
+NOT_RUN_SETTINGS = ("out_dir", "resume", "save_checkpoint", "ckpt_every", "stop_after_steps", "device", "compile",
+                    "threads", "wandb_log", "wandb_project", "wandb_run_name", "sweep", "sweep_optimizers",
+                    "sweep_lrs_muon", "sweep_lrs_adam", "sweep_proj_every")
+MUON_ONLY = ("lr_muon", "momentum_muon", "ns_method", "normuon", "weight_decay_muon", "lr_embed", "lr_head", "lr_scalar")
+ADAM_ONLY = ("lr_adam", "weight_decay")
+SOURCE_FILES = (os.path.abspath(__file__), muon_optim.__file__)  # the code a run executes
 
 # -----------------------------------------------------------------------------
-# Data: llm.c / modded-nanogpt token shards
+# pasted helpers (identical in every script, see tests/test_consistency.py)
 
-SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+def parse_overrides(argv, defaults):
+    """--name=value overrides of the constants at the top of a script (nanoGPT style).
+    Flags are True/False; ints and floats are parsed as numbers (--eval_tokens=1e5 is an int if
+    whole); strings are taken as written; lists are comma-separated strings. Unknown names and
+    values of the wrong type stop with a message that lists the valid choices."""
+    config = dict(defaults)
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"bad argument {arg!r}: use --name=value (names: {', '.join(config)})")
+        key, text = arg[2:].split("=", 1)
+        if key not in config:
+            raise SystemExit(f"unknown setting --{key}; known: {', '.join(config)}")
+        default = config[key]
+        if isinstance(default, bool):
+            if text not in ("True", "False"):
+                raise SystemExit(f"--{key}={text}: expected True or False")
+            value = text == "True"
+        elif isinstance(default, (int, float)):
+            try:
+                value = float(text)
+            except ValueError:
+                raise SystemExit(f"--{key}={text}: expected a number") from None
+            if isinstance(default, int):
+                if not value.is_integer():
+                    raise SystemExit(f"--{key}={text}: expected a whole number")
+                value = int(value)
+        else:
+            value = text
+        config[key] = value
+    return config
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file, then rename: an interrupted save never leaves a truncated file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(obj, path):
+    """json.dump to a temp file, then rename."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, script):
+    """torch.load a checkpoint written by `script`, or stop with a message saying what is wrong
+    (missing, truncated, or not one of this script's checkpoints) and how to go on."""
+    if not os.path.exists(path):
+        raise SystemExit(f"--resume=True but there is no checkpoint at {path}; run without --resume to start fresh")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or foreign file: torch raises OSError, RuntimeError, pickle errors, ...
+        raise SystemExit(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); it may be truncated. "
+                         "Delete it and start fresh (without --resume), or point --out_dir elsewhere") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
+        raise SystemExit(f"{path} was not written by {script}; point --out_dir at a {script} run")
+    return ckpt
+
+
+def rng_state():
+    """Every RNG a run draws from (torch CPU, CUDA, numpy), for exact resume."""
+    state = dict(torch=torch.get_rng_state(), numpy=np.random.get_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def source_hash(*paths):
+    """sha256 (first 16 hex digits) of the source files that determine a run: a cached result is
+    reused only when the code that made it is unchanged."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 
 
 def read_shard(path):
     """The uint16 tokens of one shard, memory-mapped, after checking the header and the size."""
-    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
-    if header.size < HEADER_INTS or header[0] != SHARD_MAGIC:
+    header = np.fromfile(path, dtype=np.int32, count=SHARD_HEADER_INTS)
+    if header.size < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC:
         raise ValueError(f"{path} is not a token shard (magic {header[:1].tolist()} != {SHARD_MAGIC}); "
                          "write shards with prepare_fineweb.py")
     if header[1] != SHARD_VERSION:
         raise ValueError(f"{path}: shard version {header[1]}, this script reads version {SHARD_VERSION}")
     n = int(header[2])
-    expected = HEADER_INTS * 4 + 2 * n
+    expected = SHARD_HEADER_INTS * 4 + 2 * n
     if os.path.getsize(path) != expected:
         raise ValueError(f"{path}: header says {n} tokens ({expected} bytes) but the file has "
                          f"{os.path.getsize(path)} bytes; the shard is truncated, rewrite it")
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=SHARD_HEADER_INTS * 4, shape=(n,))
 
+SOURCE_HASH = source_hash(*SOURCE_FILES)
+
+
+def parse_list(text, kind, name):
+    try:
+        return [kind(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --{name}={text!r}: expected a comma list of {kind.__name__}s, e.g. 1,3,5") from None
+
+
+def run_settings(cfg):
+    """What can change a run's numbers (see NOT_RUN_SETTINGS)."""
+    skip = NOT_RUN_SETTINGS + (MUON_ONLY if cfg["optimizer"] == "adam" else ADAM_ONLY)
+    return {k: v for k, v in cfg.items() if k not in skip}
+
+
+def check_config(cfg):
+    """Stop with the bad setting and the fix before anything is built."""
+    if cfg["optimizer"] not in ("muon", "adam"):
+        raise SystemExit(f"error: --optimizer={cfg['optimizer']!r}: choose 'muon' or 'adam'")
+    if cfg["sphere"] not in ("project", "geodesic", "geodesic_scaled"):
+        raise SystemExit(f"error: --sphere={cfg['sphere']!r}: choose 'project', 'geodesic' or 'geodesic_scaled'")
+    if cfg["vocab_top"] and not 2 <= cfg["vocab_top"] <= 65536:
+        raise SystemExit(f"error: --vocab_top={cfg['vocab_top']}: use 0 (full vocab) or a size in 2..65536")
+    if cfg["proj_every"] < 1:
+        raise SystemExit(f"error: --proj_every={cfg['proj_every']}: must be >= 1 (1 = project after every step)")
+    if cfg["proj_every"] > 1 and cfg["sphere"] != "project":
+        raise SystemExit("error: --proj_every > 1 is lazy projection and needs --sphere=project "
+                         "(the geodesic steps stay on the sphere by construction)")
+    if cfg["ns_method"] not in ("newton_schulz", "polar_express", "gram_newton_schulz"):
+        raise SystemExit(f"error: --ns_method={cfg['ns_method']!r}: choose newton_schulz, polar_express or "
+                         "gram_newton_schulz")
+    betas = parse_list(cfg["betas_adam"], float, "betas_adam")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise SystemExit(f"error: --betas_adam={cfg['betas_adam']!r}: expected two numbers in [0, 1), e.g. 0.9,0.95")
+
+
+# -----------------------------------------------------------------------------
+# Data: llm.c / modded-nanogpt token shards
 
 def shard_paths(data_dir, pattern):
     paths = sorted(glob.glob(os.path.join(data_dir, pattern)))
     if not paths:
-        raise FileNotFoundError(f"no shards matching {pattern!r} in {data_dir!r}; create them with "
-                                f"`python prepare_fineweb.py` (see its --input for local text) or pass --data_dir=...")
+        raise SystemExit(f"error: no shards matching {pattern!r} in {data_dir!r}; point --data_dir at the folder "
+                         "that holds them, or write them with `python prepare_fineweb.py` (--input for local text)")
     return paths
 
 
@@ -315,36 +433,59 @@ class NGPT(nn.Module):
         return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
+def load_data(cfg):
+    """(train loader, val token slice, vocab_map or None, vocab size), after checking every shard's
+    header and that the data fits the model: a bad shard stops here with the file and the fix."""
+    train_paths = shard_paths(cfg["data_dir"], cfg["train_files"])
+    val_paths = shard_paths(cfg["data_dir"], cfg["val_files"])
+    try:
+        for path in train_paths + val_paths[:1]:
+            read_shard(path)
+        vocab_map, vocab_size = None, cfg["vocab_size"]
+        if cfg["vocab_top"]:
+            vocab_map, vocab_size = build_vocab_map(train_paths, cfg["vocab_top"]), cfg["vocab_top"]
+        loader = ShardLoader(train_paths, cfg["batch_size"], cfg["block_size"], vocab_map)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    val = read_shard(val_paths[0])[:cfg["eval_tokens"] + 1]
+    if len(val) < cfg["batch_size"] * cfg["block_size"] + 1:
+        raise SystemExit(f"error: the val slice has {len(val)} tokens, less than one batch; raise --eval_tokens "
+                         "or lower --batch_size/--block_size")
+    top_id = int(vocab_map[np.asarray(val)].max()) if vocab_map is not None else int(np.max(val))
+    if top_id >= vocab_size:
+        raise SystemExit(f"error: the data holds token id {top_id} but vocab_size={vocab_size}; raise --vocab_size "
+                         "(50304 for GPT-2 tokens) or use --vocab_top=N")
+    return loader, val, vocab_map, vocab_size
+
+
 # -----------------------------------------------------------------------------
 # Optimizer: Muon or Adam on the matrices, always with a sphere retraction
 
-def param_groups(model, cfg):
-    """hidden matrices (Muon or Adam, with cfg's sphere mode), split by sphere_dim; embedding and
-    head (Adam, projected); alphas and scales (Adam, unconstrained). No weight decay on the
-    sphere-free scalars."""
+def make_optimizer(model, cfg):
+    """Hidden matrices normalized along rows and along columns (Muon, or Adam for the paper's
+    baseline); embedding and head (Adam, projected back to the sphere); alphas and scales (Adam,
+    unconstrained). No decay outside the hidden matrices: nGPT uses none."""
     dims = {id(p): d for p, d in model.sphere_params()}
-    embed_head = [model.embed.weight, model.head.weight]
-    special = {id(p) for p in embed_head}
-    rows = [p for p in model.parameters() if dims.get(id(p)) == -1 and id(p) not in special]
-    cols = [p for p in model.parameters() if dims.get(id(p)) == -2]
+    rows = [p for p in model.blocks.parameters() if dims.get(id(p)) == -1]
+    cols = [p for p in model.blocks.parameters() if dims.get(id(p)) == -2]
     scalars = [p for p in model.parameters() if id(p) not in dims]
-    adam = dict(use_muon=False, lr=cfg["adam_lr"], betas=tuple(cfg["adam_betas"]), eps=cfg["adam_eps"])
+    betas = tuple(parse_list(cfg["betas_adam"], float, "betas_adam"))
     if cfg["optimizer"] == "muon":
-        hidden = dict(use_muon=True, lr=cfg["muon_lr"], momentum=cfg["muon_momentum"], ns_method=cfg["ns_method"],
-                      normuon=cfg["normuon"] or None, weight_decay=cfg["weight_decay"], cautious_wd=cfg["cautious_wd"])
-    elif cfg["optimizer"] == "adam":
-        hidden = dict(adam, weight_decay=cfg["weight_decay"], cautious_wd=cfg["cautious_wd"])
-    else:
-        raise ValueError(f"unknown optimizer {cfg['optimizer']!r}; choose 'muon' or 'adam'")
-    on_sphere = dict(sphere=cfg["sphere"], proj_every=cfg["proj_every"])
-    groups = [dict(params=rows, name="hidden_rows", sphere_dim=-1, **on_sphere, **hidden),
-              dict(params=cols, name="hidden_cols", sphere_dim=-2, **on_sphere, **hidden),
-              dict(params=embed_head, name="embed_head", sphere="project", sphere_dim=-1,
-                   proj_every=cfg["proj_every"], **adam),
-              dict(params=scalars, name="scalars", **adam)]
-    for g in groups:
-        g["initial_lr"] = g["lr"]
-    return groups
+        hidden = dict(use_muon=True, lr=cfg["lr_muon"], momentum=cfg["momentum_muon"],
+                      weight_decay=cfg["weight_decay_muon"], ns_method=cfg["ns_method"], normuon=cfg["normuon"] or None)
+        lr_embed, lr_head, lr_scalar = cfg["lr_embed"], cfg["lr_head"], cfg["lr_scalar"]
+    else:  # the paper's baseline: Adam on every parameter
+        hidden = dict(use_muon=False, lr=cfg["lr_adam"], betas=betas, eps=cfg["eps_adam"], weight_decay=cfg["weight_decay"])
+        lr_embed = lr_head = lr_scalar = cfg["lr_adam"]
+    on_sphere = dict(sphere=cfg["sphere"], proj_every=cfg["proj_every"], cautious_wd=cfg["cautious_wd"], **hidden)
+    adam = dict(use_muon=False, betas=betas, eps=cfg["eps_adam"], weight_decay=0.0)
+    projected = dict(sphere="project", sphere_dim=-1, proj_every=cfg["proj_every"], **adam)
+    groups = [dict(params=rows, name="hidden_rows", sphere_dim=-1, **on_sphere),
+              dict(params=cols, name="hidden_cols", sphere_dim=-2, **on_sphere),
+              dict(params=[model.embed.weight], name="embed", lr=lr_embed, **projected),
+              dict(params=[model.head.weight], name="head", lr=lr_head, **projected),
+              dict(params=scalars, name="scalars", lr=lr_scalar, **adam)]
+    return Muon([dict(g, initial_lr=g["lr"]) for g in groups], distributed=False)
 
 
 def lr_factor(step, max_steps, cooldown_frac):
@@ -357,19 +498,6 @@ def lr_factor(step, max_steps, cooldown_frac):
 
 # -----------------------------------------------------------------------------
 # Training
-
-def atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
 
 @torch.no_grad()
 def evaluate(model, tokens, batch_size, block_size, device, vocab_map, autocast):
@@ -389,109 +517,90 @@ def evaluate(model, tokens, batch_size, block_size, device, vocab_map, autocast)
     return float(np.mean(losses))
 
 
-def check_config(cfg):
-    if cfg["sphere"] not in ("project", "geodesic", "geodesic_scaled"):
-        raise ValueError(f"--sphere={cfg['sphere']!r}: choose 'project', 'geodesic' or 'geodesic_scaled'")
-    if cfg["vocab_top"] and not 2 <= cfg["vocab_top"] <= 65536:
-        raise ValueError(f"--vocab_top={cfg['vocab_top']}: use 0 (full vocab) or a size in 2..65536")
-    if cfg["proj_every"] < 1:
-        raise ValueError(f"--proj_every={cfg['proj_every']}: must be >= 1 (1 = project after every step)")
-    if cfg["proj_every"] > 1 and cfg["sphere"] != "project":
-        raise ValueError("--proj_every > 1 is lazy projection and needs --sphere=project "
-                         "(the geodesic steps stay on the sphere by construction)")
-    if cfg["ns_method"] not in ("newton_schulz", "polar_express", "gram_newton_schulz"):
-        raise ValueError(f"--ns_method={cfg['ns_method']!r}: choose 'newton_schulz' or 'polar_express'")
-
-
-def rng_state():
-    state = dict(torch=torch.get_rng_state(), numpy=np.random.get_state())
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
 
 def run_label(cfg):
     return f"ngpt-{cfg['optimizer']}"
 
 
+def write_checkpoint(path, cfg, step, model, opt, loader_state, metrics, train_time):
+    """ckpt.pt (atomic): everything an exact resume needs, at the start of step `step`."""
+    if cfg["save_checkpoint"]:
+        atomic_save(dict(script="train_ngpt.py", step=step, config=cfg, loader=loader_state, rng=rng_state(),
+                         metrics=metrics, source_hash=metrics["source_hash"],
+                         runs={run_label(cfg): dict(model=model.state_dict(), optimizer=opt.state_dict(),
+                                                    train_time=train_time)}), path)
+
+
+def start_wandb(cfg):
+    """A wandb run that gets the numbers metrics.json gets; wandb is imported only when asked for."""
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("error: --wandb_log=True needs wandb: pip install wandb (or --wandb_log=False)") from None
+    name = cfg["wandb_run_name"] or f"{run_label(cfg)}-{os.path.basename(os.path.normpath(cfg['out_dir']))}"
+    return wandb.init(project=cfg["wandb_project"], name=name, config=cfg, dir=cfg["out_dir"])
+
+
+def resume_from(ckpt_path, cfg, model, opt, loader, metrics):
+    """Load model, optimizer, data position, RNGs and curves from ckpt.pt (which must hold a run with
+    the same settings); returns (step, train_time). A run resumed under other code gets a combined
+    source_hash, so no sweep reuses it as a run of either version."""
+    ckpt = load_checkpoint(ckpt_path, "train_ngpt.py")
+    diff = [f"{k}: checkpoint {ckpt['config'].get(k)!r}, now {v!r}" for k, v in run_settings(cfg).items()
+            if ckpt["config"].get(k) != v]
+    if diff:
+        raise SystemExit(f"error: cannot resume {ckpt_path}, settings differ from the checkpoint's ("
+                         + "; ".join(diff) + "); pass the same values or use a fresh --out_dir")
+    state = ckpt["runs"][run_label(cfg)]
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    loader.load_state(ckpt["loader"])
+    set_rng_state(ckpt["rng"])
+    metrics["runs"] = ckpt["metrics"]["runs"]
+    if ckpt.get("source_hash") != SOURCE_HASH:
+        print(f"note: {ckpt_path} was written by other code (source_hash {ckpt.get('source_hash')}, now {SOURCE_HASH})")
+        metrics["source_hash"] = f"{ckpt.get('source_hash')}+{SOURCE_HASH}"
+    return ckpt["step"], state["train_time"]
+
+
 def train(cfg, progress=True):
     """Train one nGPT with `cfg` (a dict of the constants above). Returns the metrics dict, also written
-    to out_dir/metrics.json with loss.png (and ckpt.pt unless save_checkpoint=0). The layout follows
+    to out_dir/metrics.json with loss.png (and ckpt.pt unless save_checkpoint=False). The layout follows
     train_muon.py: metrics["runs"][label] holds "train" and "val" lists of {step, loss, time, ...}."""
     check_config(cfg)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"])
-    if cfg["num_threads"]:
-        torch.set_num_threads(cfg["num_threads"])
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+    loader, val, vocab_map, vocab_size = load_data(cfg)
     os.makedirs(cfg["out_dir"], exist_ok=True)
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    train_paths = shard_paths(cfg["data_dir"], cfg["train_files"])
-    val_paths = shard_paths(cfg["data_dir"], cfg["val_files"])
-    vocab_map, vocab_size = None, cfg["vocab_size"]
-    if cfg["vocab_top"]:
-        vocab_map, vocab_size = build_vocab_map(train_paths, cfg["vocab_top"]), cfg["vocab_top"]
-    loader = ShardLoader(train_paths, cfg["batch_size"], cfg["block_size"], vocab_map)
-    val = read_shard(val_paths[0])[:cfg["eval_tokens"] + 1]
-    if len(val) < cfg["batch_size"] * cfg["block_size"] + 1:
-        raise ValueError(f"the val slice has {len(val)} tokens, less than one batch; raise eval_tokens or "
-                         f"lower batch_size/block_size")
-    top_id = int(vocab_map[np.asarray(val)].max()) if vocab_map is not None else int(np.max(val))
-    if top_id >= vocab_size:
-        raise ValueError(f"the data holds token id {top_id} but vocab_size={vocab_size}; raise --vocab_size "
-                         f"(50304 for GPT-2 tokens) or use --vocab_top=N")
+    ckpt_path, metrics_path = os.path.join(cfg["out_dir"], "ckpt.pt"), os.path.join(cfg["out_dir"], "metrics.json")
     torch.manual_seed(cfg["seed"])
     model = NGPT(vocab_size, cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["block_size"], cfg["mlp_ratio"]).to(dev)
-    opt = Muon(param_groups(model, cfg), distributed=False)
-    label = run_label(cfg)
-    tokens_per_step = cfg["batch_size"] * cfg["block_size"] * cfg["grad_accum_steps"]
-    metrics = dict(config=cfg, tokens_per_step=tokens_per_step, device=str(dev), vocab_size=vocab_size,
+    opt = make_optimizer(model, cfg)
+    label, tokens_per_step = run_label(cfg), cfg["batch_size"] * cfg["block_size"] * cfg["grad_accum_steps"]
+    metrics = dict(config=cfg, source_hash=SOURCE_HASH, source_files=[os.path.basename(f) for f in SOURCE_FILES],
+                   tokens_per_step=tokens_per_step, device=str(dev), vocab_size=vocab_size,
                    num_params=sum(p.numel() for p in model.parameters()), runs={label: dict(train=[], val=[])})
+    step, train_time = resume_from(ckpt_path, cfg, model, opt, loader, metrics) if cfg["resume"] else (0, 0.0)
     run = metrics["runs"][label]
-    step, train_time = 0, 0.0
-    if cfg["resume"]:
-        if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f"--resume=1 but there is no checkpoint at {ckpt_path}; train first or fix --out_dir")
-        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
-        model.load_state_dict(ckpt["runs"][label]["model"])
-        opt.load_state_dict(ckpt["runs"][label]["optimizer"])
-        train_time = ckpt["runs"][label]["train_time"]
-        loader.load_state(ckpt["loader"])
-        set_rng_state(ckpt["rng"])
-        metrics["runs"] = ckpt["metrics"]["runs"]
-        run, step = metrics["runs"][label], ckpt["step"]
-        del ckpt
     fwd = torch.compile(model) if cfg["compile"] and dev.type == "cuda" else model
-
-    def save_checkpoint():
-        if cfg["save_checkpoint"]:
-            atomic_save(dict(step=step, config=cfg, loader=loader.state(), rng=rng_state(), metrics=metrics,
-                             runs={label: dict(model=model.state_dict(), optimizer=opt.state_dict(),
-                                               train_time=train_time)}), ckpt_path)
-
-    def save_metrics():
-        atomic_write_json(metrics, os.path.join(cfg["out_dir"], "metrics.json"))
-
-    def run_eval():
-        loss = evaluate(model, val, cfg["batch_size"], cfg["block_size"], dev, vocab_map, autocast)
-        run["val"].append(dict(step=step, loss=loss, time=train_time, tokens=step * tokens_per_step))
-        save_metrics()
-        return loss
-
+    wandb_run = start_wandb(cfg) if cfg["wandb_log"] else None
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not progress, desc=cfg["out_dir"], dynamic_ncols=True)
-    loader_state, updating = loader.state(), False
+    loader_state, updating = loader.state(), False  # where step `step`'s batches start: what a Ctrl-C saves
     try:
-        while step < cfg["max_steps"]:
-            if step % cfg["eval_every"] == 0 and not (run["val"] and run["val"][-1]["step"] == step):
-                bar.set_postfix(val=f"{run_eval():.3f}")
-            loader_state = loader.state()  # where this step's batches start: what a Ctrl-C checkpoint records
+        while True:
+            last = step >= cfg["max_steps"]
+            if (step % cfg["eval_every"] == 0 or last) and not (run["val"] and run["val"][-1]["step"] == step):
+                loss = evaluate(model, val, cfg["batch_size"], cfg["block_size"], dev, vocab_map, autocast)
+                run["val"].append(dict(step=step, loss=loss, time=train_time, tokens=step * tokens_per_step))
+                atomic_write_json(metrics, metrics_path)
+                if wandb_run:
+                    wandb_run.log({f"val/{k}": v for k, v in run["val"][-1].items()}, step=step)
+                bar.set_postfix(val=f"{loss:.3f}")
+            if last:
+                break
             t0 = time.perf_counter()
             lr_mult = lr_factor(step, cfg["max_steps"], cfg["cooldown_frac"])
             for g in opt.param_groups:
@@ -506,43 +615,45 @@ def train(cfg, progress=True):
             loss_value = loss_sum.item() / cfg["grad_accum_steps"]
             if not math.isfinite(loss_value):  # stop before the step: the last checkpoint stays good
                 run["diverged"] = True
-                save_metrics()
                 tqdm.write(f"{cfg['out_dir']}: non-finite training loss ({loss_value}) at step {step + 1}; stopping "
                            f"without applying it (the last checkpoint is kept). Lower the learning rate.")
                 break
             updating = True  # a Ctrl-C inside opt.step would leave a half-updated model: that is not saved
             opt.step()
             opt.zero_grad(set_to_none=True)
-            updating, step = False, step + 1
+            updating, step, loader_state = False, step + 1, loader.state()  # Ctrl-C from here on saves `step`
             dt = time.perf_counter() - t0
             train_time += dt
             run["train"].append(dict(step=step, loss=loss_value, lr=lr_mult, tok_s=tokens_per_step / dt, time=train_time))
+            if wandb_run:
+                wandb_run.log({f"train/{k}": v for k, v in run["train"][-1].items()}, step=step)
             bar.update(1)
-            if cfg["stop_after_steps"] and step >= cfg["stop_after_steps"] and step < cfg["max_steps"]:
-                save_checkpoint()
-                save_metrics()
-                tqdm.write(f"stopped at step {step}; checkpoint {ckpt_path}; continue with --resume=1")
+            stop = cfg["stop_after_steps"] and cfg["max_steps"] > step >= cfg["stop_after_steps"]
+            if stop or (cfg["ckpt_every"] and step % cfg["ckpt_every"] == 0):
+                write_checkpoint(ckpt_path, cfg, step, model, opt, loader.state(), metrics, train_time)
+            if stop:
+                atomic_write_json(metrics, metrics_path)
+                tqdm.write(f"stopped at step {step}; checkpoint {ckpt_path}; continue with --resume=True")
                 return metrics
-            if cfg["ckpt_every"] and step % cfg["ckpt_every"] == 0:
-                save_checkpoint()
+        if not run.get("diverged"):
+            write_checkpoint(ckpt_path, cfg, step, model, opt, loader.state(), metrics, train_time)
+        vals = [p["loss"] for p in run["val"]]
+        run.update(diverged=bool(run.get("diverged")), final_val_loss=float("nan") if run.get("diverged") else vals[-1],
+                   best_val_loss=min(vals), train_time=train_time, tok_s=step * tokens_per_step / max(train_time, 1e-9))
+        metrics["finished"] = True
+        atomic_write_json(metrics, metrics_path)
+        if wandb_run:
+            wandb_run.summary.update({k: run[k] for k in ("diverged", "final_val_loss", "best_val_loss", "tok_s")})
     except KeyboardInterrupt:
         if not updating:
-            loader.load_state(loader_state)
-            save_checkpoint()
-            save_metrics()
-            tqdm.write(f"interrupted at step {step}; checkpoint {ckpt_path}; continue with --resume=1")
+            write_checkpoint(ckpt_path, cfg, step, model, opt, loader_state, metrics, train_time)
+            atomic_write_json(metrics, metrics_path)
+            tqdm.write(f"interrupted at step {step}; checkpoint {ckpt_path}; continue with --resume=True")
         raise
     finally:
         bar.close()
-    if not run.get("diverged"):
-        run_eval()
-        save_checkpoint()
-    vals = [p["loss"] for p in run["val"]]
-    run.update(diverged=bool(run.get("diverged")), final_val_loss=vals[-1] if not run.get("diverged") else float("nan"),
-               best_val_loss=min(vals), train_time=train_time,
-               tok_s=step * tokens_per_step / max(train_time, 1e-9))
-    metrics["finished"] = True
-    save_metrics()
+        if wandb_run:
+            wandb_run.finish()
     plot_losses(metrics["runs"], os.path.join(cfg["out_dir"], "loss.png"), f"nGPT ({cfg['optimizer']})")
     return metrics
 
@@ -598,63 +709,61 @@ def sweep_settings(name, cfg):
     """[(group, label, x, overrides)] for the built-in sweeps, for each optimizer in sweep_optimizers;
     every run starts from the same init (seed) and sees the same batches."""
     out = []
-    for o in cfg["sweep_optimizers"]:
+    for o in parse_list(cfg["sweep_optimizers"], str, "sweep_optimizers"):
         if o not in ("muon", "adam"):
-            raise SystemExit(f"--sweep_optimizers={cfg['sweep_optimizers']!r}: use muon and/or adam")
+            raise SystemExit(f"error: --sweep_optimizers={cfg['sweep_optimizers']!r}: use muon and/or adam")
         if name == "lr":
-            key, values = ("muon_lr", cfg["sweep_muon_lrs"]) if o == "muon" else ("adam_lr", cfg["sweep_adam_lrs"])
-            out += [(o, f"{o} lr={v:g}", v, {"optimizer": o, key: v}) for v in values]
+            key = "lr_muon" if o == "muon" else "lr_adam"
+            out += [(o, f"{o} lr={v:g}", v, {"optimizer": o, key: v})
+                    for v in parse_list(cfg[f"sweep_lrs_{o}"], float, f"sweep_lrs_{o}")]
         elif name == "proj_every":
             out += [(o, f"{o} proj_every={k}", k, dict(optimizer=o, sphere="project", proj_every=k))
-                    for k in cfg["sweep_proj_every"]]
+                    for k in parse_list(cfg["sweep_proj_every"], int, "sweep_proj_every")]
         elif name == "update":
             out += [(o, f"{o} {m}", i, dict(optimizer=o, sphere=m, proj_every=1))
                     for i, m in enumerate(("project", "geodesic", "geodesic_scaled"))]
         elif name == "toggles":  # which modded-nanogpt additions carry over to Muon on the sphere
             if o != "muon":
                 continue
-            wd = cfg["weight_decay"] or 0.1
+            wd = cfg["weight_decay_muon"] or 0.1
             toggles = [("NS5 (baseline)", {}), ("polar_express", dict(ns_method="polar_express")),
-                       ("normuon", dict(normuon=0.95)), (f"wd={wd:g}", dict(weight_decay=wd, cautious_wd=0)),
-                       (f"cautious wd={wd:g}", dict(weight_decay=wd, cautious_wd=1))]
-            plain = dict(optimizer="muon", ns_method="newton_schulz", normuon=0.0, weight_decay=0.0, cautious_wd=0)
+                       ("normuon", dict(normuon=0.95)), (f"wd={wd:g}", dict(weight_decay_muon=wd, cautious_wd=False)),
+                       (f"cautious wd={wd:g}", dict(weight_decay_muon=wd, cautious_wd=True))]
+            plain = dict(optimizer="muon", ns_method="newton_schulz", normuon=0.0, weight_decay_muon=0.0,
+                         cautious_wd=False)
             out += [(o, f"muon {t}", i, dict(plain, **extra)) for i, (t, extra) in enumerate(toggles)]
         else:
-            raise SystemExit(f"unknown --sweep={name!r}; choose lr, proj_every, update or toggles")
+            raise SystemExit(f"error: unknown --sweep={name!r}; choose lr, proj_every, update or toggles")
     return out
 
 
 def find_finished_run(root, run_cfg):
-    """The metrics of a finished run with the same settings (out_dir aside) in any sweep under root:
-    an interrupted sweep continues where it stopped, and sweeps share runs (proj_every=1 at the best
-    lr is the lr sweep's run)."""
-    def settings(cfg):  # what can change the run: not out_dir, and not the Muon knobs of an Adam run
-        unused = ("out_dir",) + (("muon_lr", "muon_momentum", "ns_method", "normuon") if cfg["optimizer"] == "adam" else ())
-        return json.loads(json.dumps({k: v for k, v in cfg.items() if k not in unused}))
-
-    want = settings(run_cfg)
+    """The metrics of a finished run in any sweep under root whose settings (run_settings: every
+    constant that can change the numbers) and source_hash match: an interrupted sweep continues where
+    it stopped, and sweeps share runs (proj_every=1 at the best lr is the lr sweep's run)."""
+    want = run_settings(run_cfg)
     for path in sorted(glob.glob(os.path.join(root, "sweep_*", "*", "metrics.json"))):
         with open(path) as f:
             m = json.load(f)
-        if m.get("finished") and settings(m["config"]) == want:
+        if m.get("finished") and m.get("source_hash") == SOURCE_HASH and run_settings(m["config"]) == want:
             return m
     return None
 
 
 def run_sweep(cfg):
-    """Train every setting of the sweep (reusing finished runs with the same settings, see
-    find_finished_run), then write results.json and a PNG, and print the best setting per optimizer."""
+    """Train every setting of the sweep (reusing finished runs, see find_finished_run), then write
+    results.json and a PNG, and print the best setting per optimizer."""
     name, root = cfg["sweep"], os.path.join(cfg["out_dir"], f"sweep_{cfg['sweep']}")
     runs, results = {}, []
     for group, label, x, overrides in sweep_settings(name, cfg):
-        run_cfg = {k: v for k, v in cfg.items() if not k.startswith("sweep")}  # so runs are shared across lists
-        run_cfg.update(overrides, sweep="", resume=0, save_checkpoint=0, stop_after_steps=0,
-                       out_dir=os.path.join(root, label.replace(" ", "_").replace("=", "")))
+        run_cfg = dict(cfg, **overrides, sweep="", resume=False, save_checkpoint=False, stop_after_steps=0,
+                       out_dir=os.path.join(root, label.replace(" ", "_").replace("=", "")),
+                       wandb_run_name=f"{cfg['wandb_run_name'] or 'ngpt'} sweep_{name} {label}")
         m = find_finished_run(cfg["out_dir"], run_cfg)
         if m is None:
             m = train(run_cfg)
-        elif m["config"]["out_dir"] != run_cfg["out_dir"]:
-            print(f"{label}: same settings as the finished run in {m['config']['out_dir']}, reusing it")
+        else:
+            print(f"{label}: reusing the finished run in {m['config']['out_dir']} (same settings and source_hash)")
         r = runs[label] = m["runs"][run_label(run_cfg)]
         results.append(dict(group=group, label=label, x=x, overrides=overrides, final_val_loss=r["final_val_loss"],
                             best_val_loss=r["best_val_loss"], diverged=r["diverged"], train_time=r["train_time"],
@@ -668,7 +777,7 @@ def run_sweep(cfg):
             best[r["group"]] = r
     for group, r in best.items():
         print(f"best {group}: {r['label']} -> val loss {r['final_val_loss']:.4f}")
-    atomic_write_json(dict(sweep=name, config=cfg, runs=results,
+    atomic_write_json(dict(sweep=name, config=cfg, source_hash=SOURCE_HASH, runs=results,
                            best={g: dict(label=r["label"], overrides=r["overrides"], final_val_loss=r["final_val_loss"])
                                  for g, r in best.items()}), os.path.join(root, "results.json"))
     series = {}
@@ -681,12 +790,16 @@ def run_sweep(cfg):
     return results, best
 
 
+def main(argv):
+    """python train_ngpt.py [--name=value ...]: one run, or a sweep with --sweep=..."""
+    cfg = parse_overrides(argv, CONFIG)
+    if cfg["sweep"]:
+        return run_sweep(cfg)
+    r = train(cfg)["runs"][run_label(cfg)]
+    if r.get("final_val_loss") is not None:
+        print(f"final val loss {r['final_val_loss']:.4f} after {r['train'][-1]['step']} steps "
+              f"({r['tok_s']:,.0f} tok/s, {r['train_time']:.0f} s); wrote {cfg['out_dir']}/metrics.json, loss.png")
+
+
 if __name__ == "__main__":
-    config = parse_overrides(sys.argv[1:], CONFIG)
-    if config["sweep"]:
-        run_sweep(config)
-    else:
-        r = train(config)["runs"][run_label(config)]
-        if r.get("final_val_loss") is not None:
-            print(f"final val loss {r['final_val_loss']:.4f} after {r['train'][-1]['step']} steps "
-                  f"({r['tok_s']:,.0f} tok/s, {r['train_time']:.0f} s); wrote {config['out_dir']}/metrics.json, loss.png")
+    main(sys.argv[1:])

@@ -1,6 +1,8 @@
 """Tests for model_tiny.py and train_grokking.py (fast: tiny p, few steps)."""
 import json
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -11,6 +13,13 @@ sys.path.insert(0, ROOT)
 
 import train_grokking as tg  # noqa: E402
 from model_tiny import TinyConfig, TinyTransformer  # noqa: E402
+
+
+def tiny(out_dir, *args):
+    """A seconds-long config: add mod 11, a small model, a few dozen steps."""
+    return tg.parse_overrides(["--p=11", "--task=add", "--max_steps=30", "--eval_every=10", "--batch_size=32",
+                               "--d_model=32", "--n_head=2", "--d_mlp=64", "--threads=1", "--stop_on_grok=False",
+                               f"--out_dir={out_dir}", *args], {k: getattr(tg, k) for k in tg.CONFIG_KEYS})
 
 
 def answers(task, p):
@@ -105,14 +114,29 @@ def test_bad_inputs_fail_clearly(tmp_path):
                              {k: getattr(tg, k) for k in tg.CONFIG_KEYS})
     with pytest.raises(ValueError, match="overlap"):
         tg.main(cfg)
-    with pytest.raises(SystemExit, match="unknown option --lr"):
+    with pytest.raises(SystemExit, match="unknown setting --lr;"):
         tg.parse_overrides(["--lr=3"], {k: getattr(tg, k) for k in tg.CONFIG_KEYS})
+    with pytest.raises(SystemExit, match="--resume=1: expected True or False"):
+        tg.parse_overrides(["--resume=1"], {k: getattr(tg, k) for k in tg.CONFIG_KEYS})
+    with pytest.raises(SystemExit, match="betas_adamw"):
+        tg.main(dict(cfg, tune_lrs_adamw="", tune_seeds="", betas_adamw="0.9"))
+
+
+def test_first_error_is_a_one_line_message_not_a_traceback(tmp_path):
+    """What a user meets first from the command line: the cause and the fix, no traceback (unknown
+    settings stop in parse_overrides with SystemExit, tested above)."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_grokking.py"), f"--out_dir={tmp_path}",
+                           "--task=divide"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: unknown task 'divide'; choose one of add, sub"), proc.stderr
 
 
 def test_overrides_parse_types():
-    cfg = tg.parse_overrides(["--seeds=0,1,2", "--lr_muon=1e-2", "--max_steps=5", "--prenorm=True", "--task=add"],
+    cfg = tg.parse_overrides(["--seeds=0,1,2", "--lr_muon=1e-2", "--max_steps=5", "--prenorm=True", "--task=add",
+                              "--resume=False", "--save_checkpoint=False", "--betas_adamw=0.9,0.95"],
                              {k: getattr(tg, k) for k in tg.CONFIG_KEYS})
     assert cfg["seeds"] == "0,1,2" and cfg["lr_muon"] == 0.01 and cfg["max_steps"] == 5 and cfg["prenorm"] is True
+    assert cfg["resume"] is False and cfg["save_checkpoint"] is False and tg.parse_betas(cfg["betas_adamw"], "b") == (0.9, 0.95)
     assert tg.parse_list(cfg["seeds"], int, "seeds") == [0, 1, 2]
 
 
@@ -203,3 +227,55 @@ def test_muon_run_puts_only_hidden_matrices_in_muon():
                     ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.fc.weight", "mlp.proj.weight")}
     assert {"tok_emb.weight", "pos_emb.weight", "head.weight", "head.bias"} <= adam
     assert len(muon) + len(adam) == len(list(model.parameters()))
+
+
+def test_rerun_reuses_only_runs_with_the_same_settings(tmp_path):
+    """Any constant that can change a run (not just a hand-picked list) is part of its cache key; the
+    AdamW run does not depend on the Muon knobs, so it stays cached when only those change."""
+    torch.set_num_threads(1)
+    first = {r["optimizer"]: r for r in tg.main(tiny(tmp_path))["runs"]}
+    assert all(r["source_hash"] == tg.SOURCE_HASH and r["source_files"] ==
+               ["train_grokking.py", "model_tiny.py", "muon_optim.py"] for r in first.values())
+    same = {r["optimizer"]: r for r in tg.main(tiny(tmp_path))["runs"]}
+    assert all(same[o]["wall_s"] == first[o]["wall_s"] for o in first)  # reused
+    muon_knob = {r["optimizer"]: r for r in tg.main(tiny(tmp_path, "--momentum_muon=0.9"))["runs"]}
+    assert muon_knob["adamw"]["wall_s"] == first["adamw"]["wall_s"]
+    assert muon_knob["muon"]["settings"]["momentum_muon"] == 0.9
+    betas = {r["optimizer"]: r for r in tg.main(tiny(tmp_path, "--betas_adamw=0.9,0.95"))["runs"]}
+    assert all(betas[o]["settings"]["betas_adamw"] == "0.9,0.95" for o in first)  # both use AdamW betas
+    eps = tg.main(tiny(tmp_path, "--eps_adamw=1e-6", "--optimizers=adamw"))["runs"][0]
+    assert eps["settings"]["eps_adamw"] == 1e-6
+    forced = tg.main(tiny(tmp_path, "--resume=False", "--optimizers=adamw"))["runs"][0]
+    assert forced["settings"] == first["adamw"]["settings"]
+    with open(tmp_path / "runs" / f"{forced['name']}.json") as f:
+        assert json.load(f)["wall_s"] == forced["wall_s"]  # retrained and rewritten
+    (tmp_path / "runs" / f"{forced['name']}.json").write_text('{"name": "trunc')  # e.g. edited by hand
+    redone = tg.main(tiny(tmp_path, "--optimizers=adamw"))["runs"][0]
+    assert redone["settings"] == first["adamw"]["settings"] and redone["source_hash"] == tg.SOURCE_HASH
+
+
+def test_edit_and_rerun_retrains(tmp_path):
+    """The user story of issue 11: run, edit model_tiny.py, run the same command again -> retrained
+    (the record's source_hash covers the trainer, the model file and muon_optim.py); unchanged -> reused."""
+    for name in ("train_grokking.py", "model_tiny.py", "muon_optim.py"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path / name)
+    args = ["--p=5", "--task=add", "--optimizers=muon", "--max_steps=4", "--eval_every=2", "--batch_size=8",
+            "--d_model=16", "--n_head=2", "--d_mlp=16", "--threads=1", "--save_checkpoint=False", "--out_dir=out"]
+    torch.set_num_threads(1)
+    first = tg.main(tg.parse_overrides(args[:-1] + [f"--out_dir={tmp_path / 'out'}"],
+                                       {k: getattr(tg, k) for k in tg.CONFIG_KEYS}))["runs"][0]
+
+    def rerun():  # the same command, from the copied scripts
+        proc = subprocess.run([sys.executable, "train_grokking.py", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg"))
+        assert proc.returncode == 0, proc.stderr
+        with open(tmp_path / "out" / "runs" / "add_muon_lr0.05_seed0.json") as f:
+            return proc.stdout, json.load(f)
+
+    out, again = rerun()
+    assert "reusing 1 finished run(s)" in out and again["wall_s"] == first["wall_s"]
+    with open(tmp_path / "model_tiny.py", "a") as f:
+        f.write("\n# an edit\n")
+    out, edited = rerun()
+    assert "retraining 1 (code changed)" in out
+    assert edited["source_hash"] != first["source_hash"] and edited["settings"] == first["settings"]

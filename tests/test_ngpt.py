@@ -1,17 +1,21 @@
 """Tests for train_ngpt.py (nGPT + Muon on the hypersphere) and muon_optim's sphere options.
 Everything runs on tiny models and shards written here; well under a minute on 2 CPU cores."""
+import glob
+import json
 import math
 import os
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import train_ngpt  # noqa: E402
 from muon_optim import Muon, apply_update, sphere_retract  # noqa: E402
-from train_ngpt import NGPT, param_groups  # noqa: E402
+from train_ngpt import NGPT, make_optimizer  # noqa: E402
 
 VARIANTS = [(o, s) for o in ("muon", "adam") for s in ("project", "geodesic", "geodesic_scaled")]
 
@@ -48,7 +52,7 @@ def tiny_cfg(data_dir, out_dir, **overrides):
     cfg = dict(data_dir=data_dir, train_files="toy_train_*.bin", val_files="toy_val_*.bin",
                out_dir=str(out_dir), vocab_top=64, n_layer=2, n_embd=32, n_head=2, block_size=16,
                batch_size=4, grad_accum_steps=1, max_steps=6, eval_every=2, eval_tokens=256,
-               ckpt_every=0, muon_lr=0.02, adam_lr=1e-2, device="cpu")
+               ckpt_every=0, lr_muon=0.02, lr_embed=1e-2, lr_head=1e-2, lr_scalar=1e-2, lr_adam=1e-2, device="cpu")
     return defaults(**dict(cfg, **overrides))
 
 
@@ -59,8 +63,8 @@ def tiny_cfg(data_dir, out_dir, **overrides):
 def test_every_normalized_matrix_stays_unit_after_steps(optimizer, sphere):
     torch.manual_seed(0)
     model = NGPT(97, n_layer=2, n_embd=32, n_head=2, block_size=16)
-    opt = Muon(param_groups(model, defaults(optimizer=optimizer, sphere=sphere, muon_lr=0.05, adam_lr=1e-2)),
-               distributed=False)
+    opt = make_optimizer(model, defaults(optimizer=optimizer, sphere=sphere, lr_muon=0.05, lr_adam=1e-2,
+                                         lr_embed=1e-2, lr_head=1e-2, lr_scalar=1e-2))
     x = torch.randint(0, 97, (4, 16))
     before = [p.detach().clone() for p, _ in model.sphere_params()]
     for _ in range(4):
@@ -81,7 +85,7 @@ def test_sphere_dims_follow_the_paper():
     assert dims == {"embed.weight": -1, "head.weight": -1, "blocks.0.attn.q.weight": -1, "blocks.0.attn.k.weight": -1,
                     "blocks.0.attn.v.weight": -1, "blocks.0.attn.proj.weight": -2, "blocks.0.mlp.fc.weight": -1,
                     "blocks.0.mlp.proj.weight": -2}
-    groups = {g["name"]: g for g in Muon(param_groups(model, defaults()), distributed=False).param_groups}
+    groups = {g["name"]: g for g in make_optimizer(model, defaults()).param_groups}
     for name, group in groups.items():
         for p in group["params"]:
             if name == "scalars":
@@ -89,7 +93,12 @@ def test_sphere_dims_follow_the_paper():
             else:
                 assert group["sphere_dim"] == {id(q): d for q, d in model.sphere_params()}[id(p)]
     assert groups["hidden_rows"]["use_muon"] and groups["hidden_cols"]["use_muon"]
-    assert not groups["embed_head"]["use_muon"] and groups["embed_head"]["sphere"] == "project"
+    for name in ("embed", "head", "scalars"):
+        assert not groups[name]["use_muon"] and groups[name]["weight_decay"] == 0.0
+    assert groups["embed"]["sphere"] == groups["head"]["sphere"] == "project"
+    assert [g["lr"] for g in groups.values()] == [0.01, 0.01, 5e-4, 5e-4, 5e-4]  # lr_muon, lr_embed/head/scalar
+    adam = {g["name"]: g for g in make_optimizer(model, defaults(optimizer="adam", lr_adam=3e-3)).param_groups}
+    assert all(not g["use_muon"] and g["lr"] == 3e-3 for g in adam.values())  # the baseline: Adam everywhere
 
 
 @pytest.mark.parametrize("dim", [-1, -2])
@@ -172,7 +181,7 @@ def test_init_is_on_the_sphere_forward_finite_and_causal():
 @pytest.mark.parametrize("optimizer", ["muon", "adam"])
 def test_short_run_lowers_the_loss(shards, tmp_path, optimizer):
     m = train_ngpt.train(tiny_cfg(shards, tmp_path / optimizer, optimizer=optimizer, max_steps=30, eval_every=30,
-                                  adam_lr=2e-2), progress=False)
+                                  lr_adam=2e-2, lr_embed=2e-2, lr_head=2e-2, lr_scalar=2e-2), progress=False)
     run = m["runs"][f"ngpt-{optimizer}"]
     assert m["finished"] and not run["diverged"]
     assert run["val"][-1]["loss"] < run["val"][0]["loss"] - 0.5, run["val"]
@@ -186,7 +195,7 @@ def test_resume_matches_an_uninterrupted_run(shards, tmp_path, monkeypatch):
     ref = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)["runs"]["ngpt-muon"]["model"]
 
     def check(out_dir):
-        resumed = train_ngpt.train(dict(cfg, out_dir=str(out_dir), resume=1), progress=False)["runs"]["ngpt-muon"]
+        resumed = train_ngpt.train(dict(cfg, out_dir=str(out_dir), resume=True), progress=False)["runs"]["ngpt-muon"]
         assert [p["loss"] for p in resumed["train"]] == [p["loss"] for p in straight["train"]]
         assert [(p["step"], p["loss"]) for p in resumed["val"]] == [(p["step"], p["loss"]) for p in straight["val"]]
         got = torch.load(out_dir / "ckpt.pt", weights_only=False)["runs"]["ngpt-muon"]["model"]
@@ -214,6 +223,22 @@ def test_resume_matches_an_uninterrupted_run(shards, tmp_path, monkeypatch):
     assert torch.load(tmp_path / "ctrl_c" / "ckpt.pt", weights_only=False)["step"] == 4
     check(tmp_path / "ctrl_c")
 
+    # 3) Ctrl-C during the evaluation at step 4: the checkpoint holds step 4 and step 4's data position
+    real_eval, evals = train_ngpt.evaluate, {"n": 0}
+
+    def interrupting_eval(*args):
+        evals["n"] += 1
+        if evals["n"] == 3:  # steps 0, 2, 4
+            raise KeyboardInterrupt
+        return real_eval(*args)
+
+    monkeypatch.setattr(train_ngpt, "evaluate", interrupting_eval)
+    with pytest.raises(KeyboardInterrupt):
+        train_ngpt.train(dict(cfg, out_dir=str(tmp_path / "ctrl_c_eval")), progress=False)
+    monkeypatch.setattr(train_ngpt, "evaluate", real_eval)
+    assert torch.load(tmp_path / "ctrl_c_eval" / "ckpt.pt", weights_only=False)["step"] == 4
+    check(tmp_path / "ctrl_c_eval")
+
 
 def test_bad_inputs_fail_clearly(tmp_path, shards):
     bad = tmp_path / "bad.bin"
@@ -225,28 +250,101 @@ def test_bad_inputs_fail_clearly(tmp_path, shards):
     short.write_bytes(short.read_bytes()[:-10])
     with pytest.raises(ValueError, match="truncated"):
         train_ngpt.read_shard(str(short))
-    with pytest.raises(FileNotFoundError, match="prepare_fineweb.py"):
-        train_ngpt.shard_paths(str(tmp_path), "nothing_*.bin")
-    with pytest.raises(SystemExit, match="unknown setting"):
-        train_ngpt.parse_overrides(["--muon_lrr=0.1"], defaults())
-    with pytest.raises(SystemExit, match="expected a float"):
-        train_ngpt.parse_overrides(["--muon_lr=fast"], defaults())
-    cfg = train_ngpt.parse_overrides(["--muon_lr=1", "--sphere=geodesic", "--sweep_proj_every=(1, 5)"], defaults())
-    assert cfg["muon_lr"] == 1.0 and cfg["sphere"] == "geodesic" and cfg["sweep_proj_every"] == (1, 5)
-    with pytest.raises(ValueError, match="raise --vocab_size"):
+    for old in ("--muon_lr=0.1", "--adam_lr=0.1", "--num_threads=1", "--adam_betas=0.9,0.95"):  # renamed
+        with pytest.raises(SystemExit, match=f"unknown setting {old.split('=')[0]}; known: .*lr_muon"):
+            train_ngpt.main([old])
+    with pytest.raises(SystemExit, match="expected a number"):
+        train_ngpt.parse_overrides(["--lr_muon=fast"], defaults())
+    with pytest.raises(SystemExit, match="--resume=1: expected True or False"):
+        train_ngpt.parse_overrides(["--resume=1"], defaults())
+    cfg = train_ngpt.parse_overrides(["--lr_muon=1", "--sphere=geodesic", "--sweep_proj_every=1,5", "--resume=True",
+                                      "--compile=False", "--cautious_wd=True", "--save_checkpoint=False"], defaults())
+    assert cfg["lr_muon"] == 1.0 and cfg["sphere"] == "geodesic" and cfg["sweep_proj_every"] == "1,5"
+    assert cfg["resume"] is True and cfg["compile"] is False and cfg["cautious_wd"] is True
+    assert cfg["save_checkpoint"] is False
+    with pytest.raises(SystemExit, match="raise --vocab_size"):
         train_ngpt.train(tiny_cfg(shards, tmp_path / "v", vocab_top=0, vocab_size=64), progress=False)
-    with pytest.raises(ValueError, match="lazy projection"):
+    with pytest.raises(SystemExit, match="lazy projection"):
         train_ngpt.train(tiny_cfg(shards, tmp_path / "x", sphere="geodesic", proj_every=3), progress=False)
+    with pytest.raises(SystemExit, match="betas_adam"):
+        train_ngpt.train(tiny_cfg(shards, tmp_path / "x", betas_adam="0.9"), progress=False)
+    write_shard(tmp_path / "toy_train_000002.bin", np.arange(10))
+    (tmp_path / "toy_train_000002.bin").write_bytes((tmp_path / "toy_train_000002.bin").read_bytes()[:-2])
+    with pytest.raises(SystemExit, match="toy_train_000002.bin.*truncated, rewrite it"):  # checked before training
+        train_ngpt.train(tiny_cfg(shards, tmp_path / "x"), progress=False)
+
+
+def test_missing_shards_is_a_message_naming_data_dir_and_prepare_fineweb(tmp_path):
+    with pytest.raises(SystemExit, match=r"no shards matching .* point --data_dir .* `python prepare_fineweb.py`"):
+        train_ngpt.main([f"--data_dir={tmp_path}", f"--out_dir={tmp_path}/out"])
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_ngpt.py"), f"--data_dir={tmp_path}/nowhere",
+                           f"--out_dir={tmp_path}/out"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: no shards matching") and "--data_dir" in proc.stderr
+
+
+def test_resume_from_a_bad_checkpoint_says_what_is_wrong(shards, tmp_path):
+    cfg = tiny_cfg(shards, tmp_path / "run", max_steps=2)
+    with pytest.raises(SystemExit, match="--resume=True but there is no checkpoint"):
+        train_ngpt.train(dict(cfg, resume=True), progress=False)
+    train_ngpt.train(cfg, progress=False)
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    with pytest.raises(SystemExit, match=r"cannot resume .*settings differ.*\(n_embd: checkpoint 32, now 64\)"):
+        train_ngpt.train(dict(cfg, resume=True, n_embd=64), progress=False)
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated
+    with pytest.raises(SystemExit, match="not a readable checkpoint .* truncated"):
+        train_ngpt.train(dict(cfg, resume=True), progress=False)
+    torch.save({"model": {}}, ckpt)  # someone else's
+    with pytest.raises(SystemExit, match="not written by train_ngpt.py"):
+        train_ngpt.train(dict(cfg, resume=True), progress=False)
 
 
 def test_sweep_writes_results_and_plot(shards, tmp_path):
     cfg = tiny_cfg(shards, tmp_path, sweep="update", max_steps=4, eval_every=2)
     assert len(train_ngpt.sweep_settings("lr", cfg)) == 6 + 6 and len(train_ngpt.sweep_settings("proj_every", cfg)) == 14
     assert len(train_ngpt.sweep_settings("toggles", cfg)) == 5
-    cfg["sweep_optimizers"] = ("muon",)
+    cfg["sweep_optimizers"] = "muon"
     results, best = train_ngpt.run_sweep(cfg)
     assert [r["label"] for r in results] == ["muon project", "muon geodesic", "muon geodesic_scaled"]
     assert all(math.isfinite(r["final_val_loss"]) for r in results)
     assert best["muon"]["final_val_loss"] == min(r["final_val_loss"] for r in results)
     assert os.path.exists(tmp_path / "sweep_update" / "results.json")
     assert os.path.exists(tmp_path / "sweep_update" / "sweep_update.png")
+
+
+def test_sweep_reuses_a_run_only_with_the_same_settings_and_code(shards, tmp_path, monkeypatch):
+    """Edit-and-rerun never lies: a finished sweep run is reused only while every setting that can
+    change it and the source_hash of the code (this trainer and muon_optim.py) are the same."""
+    assert [os.path.basename(f) for f in train_ngpt.SOURCE_FILES] == ["train_ngpt.py", "muon_optim.py"]
+    assert train_ngpt.SOURCE_HASH == train_ngpt.source_hash(*train_ngpt.SOURCE_FILES)
+    cfg = tiny_cfg(shards, tmp_path, sweep="lr", sweep_optimizers="muon", sweep_lrs_muon="0.02,0.05", max_steps=2)
+    trained = []
+    real_train = train_ngpt.train
+    monkeypatch.setattr(train_ngpt, "train", lambda c, progress=True: trained.append(c["lr_muon"]) or real_train(c, progress=False))
+    train_ngpt.run_sweep(cfg)
+    assert trained == [0.02, 0.05]
+    with open(tmp_path / "sweep_lr" / "muon_lr0.02" / "metrics.json") as f:
+        assert json.load(f)["source_hash"] == train_ngpt.SOURCE_HASH
+    train_ngpt.run_sweep(dict(cfg, lr_adam=0.1, threads=1, compile=False))  # the Adam baseline's lr, how it runs
+    assert trained == [0.02, 0.05]  # all reused
+    train_ngpt.run_sweep(dict(cfg, eps_adam=1e-6))  # any setting of the run, not a hand-picked list
+    assert trained == [0.02, 0.05] * 2
+    monkeypatch.setattr(train_ngpt, "SOURCE_HASH", "edited00code0000")  # what editing a hashed file does
+    train_ngpt.run_sweep(cfg)
+    assert trained == [0.02, 0.05] * 3
+
+
+def test_wandb_logs_what_metrics_json_holds(shards, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged = []
+    real_log = wandb.Run.log
+    monkeypatch.setattr(wandb.Run, "log", lambda self, data, step=None, **kw: logged.append((step, data))
+                        or real_log(self, data, step=step, **kw))
+    m = train_ngpt.train(tiny_cfg(shards, tmp_path, max_steps=4, wandb_log=True), progress=False)
+    run = m["runs"]["ngpt-muon"]
+    expected = [(p["step"], {f"train/{k}": v for k, v in p.items()}) for p in run["train"]]
+    expected += [(p["step"], {f"val/{k}": v for k, v in p.items()}) for p in run["val"]]
+    assert sorted(logged, key=str) == sorted(expected, key=str)
+    assert glob.glob(str(tmp_path / "wandb" / "offline-run-*"))  # a real offline run, in out_dir
