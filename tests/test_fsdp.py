@@ -116,7 +116,7 @@ def _entry(rank, world, port, out_dir, scenario):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=30))
     try:
-        result = globals()[scenario](rank, world, out_dir)
+        result = globals()[scenario](rank, world, out_dir)  # a suite catches its scenarios' errors
     except Exception as e:  # the parent asserts on it; a traceback helps when it is unexpected
         result = dict(error=f"{type(e).__name__}: {e}", tb=traceback.format_exc())
     torch.save(result, os.path.join(out_dir, f"{scenario}_r{rank}.pt"))
@@ -215,14 +215,19 @@ def hsdp(rank, world, out_dir):
     return dict(params=full_params(model), placements=str(model.narrow.weight.placements))
 
 
-def mismatch_shapes(rank, world, out_dir):
+def mismatch_order(rank, world, out_dir):
+    """Rank 1 lists the Muon parameters in another order (e.g. built from a set)."""
     from torch.distributed.device_mesh import init_device_mesh
-    model = sharded_model(init_device_mesh("cpu", (world,)), rows=7 if rank == 0 else 5)
-    train(model, build_optimizer(model, "normuon_pe_cwd"), 1)
+    model = sharded_model(init_device_mesh("cpu", (world,)))
+    opt = build_optimizer(model, "normuon_pe_cwd")
+    if rank == 1:
+        opt.param_groups[0]["params"].reverse()
+    train(model, opt, 1)
     return {}
 
 
 def mismatch_grad(rank, world, out_dir):
+    """Rank 1 loses one sharded grad: its rows would get no update."""
     from torch.distributed.device_mesh import init_device_mesh
     model = sharded_model(init_device_mesh("cpu", (world,)))
 
@@ -233,13 +238,47 @@ def mismatch_grad(rank, world, out_dir):
     return {}
 
 
+def suite(names):
+    """Several scenarios in one set of processes (process start-up dominates the run time).
+    Scenarios that raise on every rank leave the group usable; they go last anyway."""
+    def run(rank, world, out_dir):
+        out = {}
+        for name in names:
+            try:
+                out[name] = globals()[name](rank, world, out_dir)
+            except Exception as e:  # the tests assert on it; the traceback helps when unexpected
+                out[name] = dict(error=f"{type(e).__name__}: {e}", tb=traceback.format_exc())
+        return out
+    return run
+
+
+two_rank_suite = suite(["fsdp_configs", "dcp_save", "mismatch_order", "mismatch_grad"])
+one_rank_suite = suite(["dcp_load"])
+four_rank_suite = suite(["dcp_load", "fsdp_empty_shards", "hsdp"])
+
+
 # -- tests ---------------------------------------------------------------------
 
-def test_fsdp_two_ranks_equal_one_process(tmp_path):
-    ranks = spawn("fsdp_configs", 2, tmp_path)
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fsdp")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(ckpt_dir):
+    return spawn("two_rank_suite", 2, ckpt_dir)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(ckpt_dir, two_ranks):  # loads the checkpoint the 2-rank suite saved
+    return spawn("four_rank_suite", 4, ckpt_dir)
+
+
+def test_fsdp_two_ranks_equal_one_process(two_ranks):
     for config in CONFIGS:
         ref_model, ref_opt = reference(config)
-        for got in ranks:
+        for got in two_ranks:
+            got = got["fsdp_configs"]
             assert "error" not in got, got.get("tb")
             assert_matches(got[config], ref_model)
             # optimizer state is sharded like the parameters (DTensors), so memory is ~1/world
@@ -249,49 +288,55 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path):
                 assert s["shape"] == r["shape"]
                 assert s["update_rms"] == pytest.approx(r["update_rms"], rel=1e-4)
                 assert s["ortho_error"] == pytest.approx(r["ortho_error"], rel=1e-3, abs=1e-5)
-        assert ranks[0][config]["local_rows"]["narrow.weight"] == (4, 16)  # 7 rows: 4 + 3
-        assert ranks[1][config]["local_rows"]["narrow.weight"] == (3, 16)
-        assert ranks[0][config]["local_rows"]["batched"] == (2, 16, 4)  # batch dim sharded: 2 + 1
-        assert ranks[0][config]["comm_bytes"] > 0
-    sphere, single = ranks[0]["errors"]
+        r0, r1 = (got["fsdp_configs"][config] for got in two_ranks)
+        assert r0["local_rows"]["narrow.weight"] == (4, 16) and r1["local_rows"]["narrow.weight"] == (3, 16)
+        assert r0["local_rows"]["batched"] == (2, 16, 4)  # the batch dim is sharded: 2 + 1 matrices
+        assert r0["comm_bytes"] > 0
+    sphere, single = two_ranks[0]["fsdp_configs"]["errors"]
     assert "sphere_dim=0 normalizes along dim 0, which FSDP2 shards" in sphere and "sphere_dim other than 0" in sphere
     assert "distributed=False" in single and "use Muon" in single
 
 
-def test_four_ranks_empty_shards_and_none_grad(tmp_path):
-    ranks = spawn("fsdp_empty_shards", 4, tmp_path)
+def test_four_ranks_empty_shards_and_none_grad(four_ranks):
     ref_model, _ = reference("normuon_pe_cwd", rows=3, unused=True)
-    for r, got in enumerate(ranks):
+    for got in four_ranks:
+        got = got["fsdp_empty_shards"]
         assert_matches(got, ref_model)
         assert got["unused_state"] == 0  # never had a grad: skipped on every rank, no state
-    assert [got["narrow_rows"] for got in ranks] == [1, 1, 1, 0]
+    assert [got["fsdp_empty_shards"]["narrow_rows"] for got in four_ranks] == [1, 1, 1, 0]
 
 
-def test_dcp_save_two_ranks_load_one_rank(tmp_path):
-    saved = spawn("dcp_save", 2, tmp_path)
-    assert all("error" not in s for s in saved), saved[0].get("tb")
-    (got,) = spawn("dcp_load", 1, tmp_path)
+def test_dcp_save_two_ranks_load_one_rank(ckpt_dir, two_ranks):
+    assert all("error" not in got["dcp_save"] for got in two_ranks), two_ranks[0]["dcp_save"].get("tb")
+    (got,) = spawn("one_rank_suite", 1, ckpt_dir)
+    got = got["dcp_load"]
     assert "error" not in got, got.get("tb")
     assert got["steps_after_load"] == [3]
-    ref_model, _ = reference("normuon_pe_cwd")
-    assert_matches(got, ref_model)
+    assert_matches(got, reference("normuon_pe_cwd")[0])
 
 
-def test_hsdp_2x2_mesh(tmp_path):
-    ranks = spawn("hsdp", 4, tmp_path)
+def test_dcp_save_two_ranks_load_four_ranks(four_ranks):
     ref_model, _ = reference("normuon_pe_cwd")
-    for got in ranks:
-        assert_matches(got, ref_model)
-    assert ranks[0]["placements"] == "(Replicate(), Shard(dim=0))"
+    for got in four_ranks:
+        assert got["dcp_load"].get("steps_after_load") == [3], got["dcp_load"].get("tb")
+        assert_matches(got["dcp_load"], ref_model)
+
+
+def test_hsdp_2x2_mesh(four_ranks):
+    ref_model, _ = reference("normuon_pe_cwd")
+    for got in four_ranks:
+        assert_matches(got["hsdp"], ref_model)
+    assert four_ranks[0]["hsdp"]["placements"] == "(Replicate(), Shard(dim=0))"
 
 
 @pytest.mark.parametrize("scenario, message", [
-    ("mismatch_shapes", r"ranks disagree.*parameter \d+ of param group 0 \('muon'\).*shape"),
-    ("mismatch_grad", r"parameter 2 of param group 0 \('muon'\).*gradient on some ranks"),
+    ("mismatch_order", r"ranks disagree.*parameter 0 of param group 0 \('muon'\): rank 0 has .*\(3, 16, 4\).*rank 1 has"),
+    ("mismatch_grad", r"parameter \d of param group 0 \('muon'\) \(shape \(24, 7\), sharded\).*gradient on some ranks"),
 ])
-def test_rank_mismatch_raises_instead_of_hanging(tmp_path, scenario, message):
+def test_rank_mismatch_raises_instead_of_hanging(two_ranks, scenario, message):
     import re
-    for got in spawn(scenario, 2, tmp_path):
+    for got in two_ranks:
+        got = got[scenario]
         assert "error" in got and re.search(message, got["error"]), got
 
 
