@@ -92,12 +92,14 @@ def reference(config, steps=STEPS, **net_kw):
     return model, opt
 
 
-def sharded_model(mesh, **net_kw):
+def sharded_model(mesh, mixed=False, **net_kw):
+    """fully_shard'ed Net; mixed=True leaves up.weight a plain (replicated) tensor, so one Muon
+    group holds both kinds."""
     from torch.distributed.fsdp import fully_shard
     torch.manual_seed(0)
     model = Net(**net_kw)
     fully_shard(model.narrow, mesh=mesh)  # a second FSDP unit, as per-layer wrapping does
-    fully_shard(model, mesh=mesh)
+    fully_shard(model, mesh=mesh, ignored_params={model.up.weight} if mixed else None)
     return model
 
 
@@ -179,6 +181,15 @@ def fsdp_empty_shards(rank, world, out_dir):
                 unused_state=len(opt.state[model.unused]))
 
 
+def fsdp_mixed(rank, world, out_dir):
+    """A plain parameter (identical grads on every rank, as after DDP) next to sharded ones."""
+    from torch.distributed.device_mesh import init_device_mesh
+    model = sharded_model(init_device_mesh("cpu", (world,)), mixed=True)
+    opt = build_optimizer(model, "normuon_pe_cwd")
+    train(model, opt, STEPS)
+    return dict(params=full_params(model), up_is_plain=not M.is_sharded(model.up.weight))
+
+
 def dcp_save(rank, world, out_dir):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -252,7 +263,7 @@ def suite(names):
     return run
 
 
-two_rank_suite = suite(["fsdp_configs", "dcp_save", "mismatch_order", "mismatch_grad"])
+two_rank_suite = suite(["fsdp_configs", "fsdp_mixed", "dcp_save", "mismatch_order", "mismatch_grad"])
 one_rank_suite = suite(["dcp_load"])
 four_rank_suite = suite(["dcp_load", "fsdp_empty_shards", "hsdp"])
 
@@ -295,6 +306,13 @@ def test_fsdp_two_ranks_equal_one_process(two_ranks):
     sphere, single = two_ranks[0]["fsdp_configs"]["errors"]
     assert "sphere_dim=0 normalizes along dim 0, which FSDP2 shards" in sphere and "sphere_dim other than 0" in sphere
     assert "distributed=False" in single and "use Muon" in single
+
+
+def test_plain_and_sharded_parameters_mixed(two_ranks):
+    ref_model, _ = reference("normuon_pe_cwd")
+    for got in two_ranks:
+        assert got["fsdp_mixed"].get("up_is_plain"), got["fsdp_mixed"].get("tb")
+        assert_matches(got["fsdp_mixed"], ref_model)
 
 
 def test_four_ranks_empty_shards_and_none_grad(four_ranks):
