@@ -17,6 +17,7 @@ Contents
   orthogonalization  zeropower_via_newtonschulz5, polar_express, polar_express_coefficients,
                      gram_newton_schulz, orthogonalize (dispatch)
   update math        momentum_direction, muon_update, normuon_normalize, adam_update, apply_update, sphere_retract
+  FSDP2 / DTensor    share_work, chunk_rows, orthogonalize_row_sharded, normuon_normalize_row_sharded, ...
   optimizer          Muon (+ KellerJordan-compatible SingleDeviceMuon, MuonWithAuxAdam, ...)
   helpers            muon_param_groups
   self-check         python muon_optim.py
@@ -705,7 +706,10 @@ class Muon(torch.optim.Optimizer):
     When torch.distributed is initialized with world size > 1 (and distributed=True), each rank
     orthogonalizes a share of the matrices and the results are all-gathered; gradients must
     already be averaged (DDP). Every rank keeps every buffer, so state_dicts are complete and
-    identical. track_stats=True records each matrix's update RMS and orthogonality error (read
+    identical. FSDP2 parameters (fully_shard: DTensors, Shard(0); HSDP meshes too) need nothing
+    else: each rank keeps only its rows of every buffer (DTensors, which torch.distributed.checkpoint
+    reshards), owners orthogonalize whole matrices fetched by all_to_all (see 'Sharded parameters');
+    plain and sharded parameters may be mixed. Ranks whose parameters disagree get an error, not a hang. track_stats=True records each matrix's update RMS and orthogonality error (read
     with .stats(), which is the only place that syncs with the device)."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, *,
