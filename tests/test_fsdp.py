@@ -56,7 +56,8 @@ def build_optimizer(model, config, track_stats=False):
             and p.ndim >= 2]
     adam = [p for n, p in model.named_parameters() if not any(p is q for q in muon)]
     return M.Muon([dict(params=muon, lr=0.02, ns_dtype=torch.float32, name="muon", **CONFIGS[config]),
-                   dict(params=adam, use_muon=False, lr=3e-3, weight_decay=0.01, cautious_wd=True, name="adam")],
+                   dict(params=adam, use_muon=False, lr=3e-3, weight_decay=0.01, cautious_wd=True, name="adam"),
+                   dict(params=[], lr=0.02, name="empty")],  # an empty group is fine too
                   track_stats=track_stats)
 
 
