@@ -3,7 +3,8 @@ bench.py -- what Muon's orthogonalization costs, how good it is, and what it buy
 
     python bench.py                      # all four sections (< 5 min on a 2-core CPU)
     python bench.py --quick=True         # fewer shapes and repeats (~1 min)
-    python bench.py --only=speed,step    # any of: speed, quality, step, showdown
+    python bench.py --only=speed,step    # any of: speed, quality, step, showdown, distributed, gpu
+    OMP_NUM_THREADS=1 python bench.py --only=distributed   # DDP-style vs FSDP2 step at 1 and 2 ranks (gloo)
     python bench.py --threads=1          # torch CPU threads (default: torch's choice)
     python bench.py --gpu=True           # the GPU validation: tests/test_cuda.py + one table (<= 8 min, one H100)
 
@@ -17,6 +18,9 @@ Sections (each measured in one process, so the ratios inside a table are fair):
             +NorMuon) vs torch.optim.Muon vs torch.optim.AdamW
   showdown  10-layer 64-wide deep linear network: SGD vs Adam vs Muon (loss curves, final
             losses, singular-value spectra of weights and of a gradient vs its Muon update)
+  distributed  (not in the default list) Muon step time per rank and bytes sent, plain tensors /
+            DDP-style all_gather / FSDP2 all_to_all, at 1 and 2 ranks (gloo on CPU, NCCL on GPU)
+  gpu       (not in the default list; --gpu=True) tests/test_cuda.py + one table of GPU numbers
 Writes out/bench/results.json (sections merge into an existing file), out/bench/results.md
 (the markdown tables) and PNGs.
 """
@@ -43,7 +47,7 @@ import muon_optim as mo
 
 # -----------------------------------------------------------------------------
 # settings, each overridable as --name=value
-only = "speed,quality,step,showdown"  # comma list of sections: speed, quality, step, showdown, gpu
+only = "speed,quality,step,showdown"  # comma list of sections: speed, quality, step, showdown, distributed, gpu
 quick = False  # fewer shapes and repeats
 gpu = False  # True: the GPU validation (tests/test_cuda.py + one table; needs CUDA), same as --only=gpu
 threads = 0  # 0: torch's default (all cores)
@@ -53,7 +57,7 @@ label = ""  # machine label for the tables, e.g. "2-core CPU, shared/noisy"; def
 out_dir = "out/bench"
 seed = 42
 # -----------------------------------------------------------------------------
-SECTIONS = ("speed", "quality", "step", "showdown", "gpu")
+SECTIONS = ("speed", "quality", "step", "showdown", "distributed", "gpu")
 
 
 def parse_overrides(argv, defaults):
@@ -554,7 +558,127 @@ def plot_showdown(results, init_sv, mid, floor):
 
 
 # -----------------------------------------------------------------------------
-# 5. GPU validation: python bench.py --gpu=True (<= 8 min on one H100)
+# 5. distributed: optimizer step per rank, DDP-style (all_gather) vs FSDP2 (all_to_all)
+
+DIST_MODEL = dict(n_layers=16, width=384)  # 16 Linear(384, 384) weights, fp32
+
+
+def _dist_step_worker(rank, world, port, out_path, kinds, n_steps):
+    """One rank: build the model once per kind, give every weight the gradient a single process
+    would see (the rank's rows for FSDP2), then time Muon.step() with the kinds interleaved round
+    by round, ranks aligned by a barrier before each step, so that load from other processes on a
+    shared machine hits every kind alike. 'plain' is the one-process step: rank 0 steps alone while
+    the other ranks wait at the next barrier. Writes {kind: ms, CPU ms, bytes sent} to out_path.rank."""
+    import datetime
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    torch.set_num_threads(1)
+    dev = f"cuda:{rank}" if device == "cuda" else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    n, w = DIST_MODEL["n_layers"], DIST_MODEL["width"]
+    gen = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(w, w, generator=gen) * 1e-3 for _ in range(n)]
+    steps = {}
+    for kind in kinds:
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(*[torch.nn.Linear(w, w, bias=False) for _ in range(n)]).to(dev)
+        if kind == "fsdp2":
+            mesh = init_device_mesh(device, (world,))
+            for layer in model:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        opt = mo.Muon(model.parameters(), lr=0.02, weight_decay=0.01, ns_dtype=torch.float32,
+                      distributed=kind != "plain")
+        for p, g in zip(model.parameters(), grads):
+            g = g.to(dev)
+            if mo.is_sharded(p):
+                rows = mo.chunk_rows(w, world)
+                start = sum(rows[:rank])
+                p.grad = torch.zeros_like(p)
+                p.grad.to_local().copy_(g[start:start + rows[rank]])
+            else:
+                p.grad = g
+        steps[kind] = opt
+    out = {k: dict(ms=[], cpu_ms=[], bytes_sent=0) for k in kinds}
+    for i in range(n_steps + 2):  # 2 warm-up rounds
+        for kind, opt in steps.items():
+            dist.barrier()
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            if kind != "plain" or rank == 0:
+                opt.step()
+            sync()
+            if i >= 2:
+                out[kind]["ms"].append((time.perf_counter() - t0) * 1e3)
+                out[kind]["cpu_ms"].append((time.process_time() - c0) * 1e3)
+                out[kind]["bytes_sent"] = getattr(opt, "comm_bytes", 0)
+    torch.save(out, f"{out_path}.{rank}")
+    dist.destroy_process_group()
+
+
+def _run_dist(world, kinds, n_steps):
+    import socket
+    import tempfile
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "times")
+        mp.spawn(_dist_step_worker, args=(world, port, path, kinds, n_steps), nprocs=world)
+        return [torch.load(f"{path}.{r}") for r in range(world)]
+
+
+def bench_distributed():
+    """Muon.step() time per rank and bytes each rank sends, for plain tensors in one process, the
+    DDP-style path (every rank has every matrix; each orthogonalizes a share, one all_gather) and
+    FSDP2 (fully_shard; owners get whole matrices by all_to_all and send the rows back), world
+    sizes 1 and 2. gloo on CPU (1 thread per process), NCCL on GPUs. Goal (2-core CPU): FSDP2 on 2
+    ranks <= 0.75x the one-process step."""
+    n_steps = 3 if quick else max(5, repeats * 2)
+    worlds = [1, 2] if device == "cpu" or torch.cuda.device_count() >= 2 else [1]
+    rows, t = [], {}
+    for world in worlds:
+        kinds = ["plain", "fsdp2"] if world == 1 else ["plain", "ddp", "fsdp2"]
+        ranks = _run_dist(world, kinds, n_steps)
+        for kind in kinds:
+            if kind == "plain":
+                ranks = ranks[:1]  # rank 0 alone
+            ms = max(statistics.median(r[kind]["ms"]) for r in ranks)  # the step ends when the slowest rank does
+            cpu_ms = max(statistics.median(r[kind]["cpu_ms"]) for r in ranks)
+            sent = [r[kind]["bytes_sent"] for r in ranks]
+            t[(kind, world)] = ms
+            rows.append(dict(kind=kind, world=1 if kind == "plain" else world, ms=ms, cpu_ms=cpu_ms,
+                             bytes_sent_per_rank=sent, process_set=world))
+    base = t[("plain", worlds[-1])]  # measured interleaved with the multi-rank steps
+    for r in rows:
+        r["x_one_process"] = r["ms"] / base
+    names = dict(plain="plain tensors, 1 process", ddp="DDP-style (plain tensors, all_gather)",
+                 fsdp2="FSDP2 fully_shard (all_to_all)")
+    n, w = DIST_MODEL["n_layers"], DIST_MODEL["width"]
+    formula = mo.sharded_comm_bytes([(w, w)] * n, 2)
+    md = md_table(["path", "ranks", "timed among", "ms / step (slowest rank)", "CPU ms / step", "x one process",
+                   "bytes sent per rank"],
+                  [(names[r["kind"]], r["world"], f"{r['process_set']} process(es)", f"{r['ms']:.1f}", f"{r['cpu_ms']:.1f}", f"{r['x_one_process']:.2f}x",
+                    " / ".join(f"{b / 1e6:.2f} MB" for b in r["bytes_sent_per_rank"])) for r in rows])
+    ratio = t.get(("fsdp2", 2), float("nan")) / base
+    cpu = {(r["kind"], r["process_set"]): r["cpu_ms"] for r in rows}
+    cpu_ratio = cpu.get(("fsdp2", 2), float("nan")) / cpu[("plain", worlds[-1])]
+    goal = ratio <= 0.75
+    md += (f"\n\nModel: {n} Linear({w}, {w}) weights, fp32, NS5 in fp32, {'gloo, 1 thread per process' if device == 'cpu' else 'NCCL'}; "
+           f"median of {n_steps} steps after 2 warm-up steps, ranks aligned by a barrier before each. FSDP2 bytes "
+           f"(all ranks, formula mo.sharded_comm_bytes): {formula / 1e6:.2f} MB per step at 2 ranks. Goal: FSDP2 on 2 "
+           f"ranks <= 0.75x one process: {'met' if goal else 'NOT met'} ({ratio:.2f}x wall, {cpu_ratio:.2f}x CPU time "
+           "per rank; the one-process step is timed in the same process set, interleaved, rank 0 alone).")
+    return dict(rows=rows, ratio_fsdp2_2_vs_1=ratio, cpu_ratio_fsdp2_2_vs_1=cpu_ratio, goal_met=goal, formula_bytes_2_ranks=formula, md=md)
+
+
+# -----------------------------------------------------------------------------
+# 6. GPU validation: python bench.py --gpu=True (<= 8 min on one H100)
 
 def write_random_shards(data_dir, n_train=2, tokens=4_000_000, vocab=50257):
     """llm.c-format token shards (what prepare_fineweb.py writes) of random GPT-2 ids: throughput
@@ -645,12 +769,11 @@ def bench_gpu():
     return dict(rows=[list(r) for r in rows], md=md)
 
 
-# -----------------------------------------------------------------------------
-
-RUNNERS = dict(speed=bench_speed, quality=bench_quality, step=bench_step, showdown=bench_showdown, gpu=bench_gpu)
+RUNNERS = dict(speed=bench_speed, quality=bench_quality, step=bench_step, showdown=bench_showdown,
+               distributed=bench_distributed, gpu=bench_gpu)
 TITLES = dict(speed="1. Orthogonalization speed", quality="2. Orthogonalization quality",
               step="3. Optimizer step time (4 GPT-2-small matrices)", showdown="4. Deep-linear-network showdown",
-              gpu="5. GPU validation")
+              distributed="5. Distributed optimizer step (DDP-style and FSDP2)", gpu="6. GPU validation")
 
 if __name__ == "__main__":
     json_path = os.path.join(out_dir, "results.json")

@@ -17,6 +17,7 @@ Contents
   orthogonalization  zeropower_via_newtonschulz5, polar_express, polar_express_coefficients,
                      gram_newton_schulz, orthogonalize (dispatch)
   update math        momentum_direction, muon_update, normuon_normalize, adam_update, apply_update, sphere_retract
+  FSDP2 / DTensor    share_work, chunk_rows, orthogonalize_row_sharded, normuon_normalize_row_sharded, ...
   optimizer          Muon (+ KellerJordan-compatible SingleDeviceMuon, MuonWithAuxAdam, ...)
   helpers            muon_param_groups
   self-check         python muon_optim.py
@@ -24,8 +25,10 @@ Contents
 import functools
 import math
 import os
+import sys
 import time
 import warnings
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -523,6 +526,256 @@ def apply_update(p, update, lr, weight_decay=0.0, cautious_wd=False, sphere=None
 
 
 # -----------------------------------------------------------------------------
+# Sharded parameters (FSDP2 DTensors): pure functions used by Muon.step
+#
+# FSDP2 (torch.distributed.fsdp.fully_shard) turns every parameter into a DTensor with placement
+# Shard(0) on a 1-D mesh (HSDP: (Replicate(), Shard(0)) on a 2-D mesh); each rank holds a block of
+# rows, torch.chunk-style. Elementwise math (momentum, AdamW, weight decay) is exact on the local
+# block. Orthogonalization needs whole matrices: every matrix gets one owner rank, one
+# all_to_all per shape bucket brings the owner the other ranks' row blocks, and a second one sends
+# the orthogonalized rows back. 3D parameters are sharded on the batch dim, so their matrices are
+# already whole on each rank and are orthogonalized where they live.
+
+def share_work(keys, sizes, world):
+    """Split matrices among ranks. Same-key (same-shape) matrices form a bucket that is
+    orthogonalized in one batched call; each bucket is cut into up to `world` strided chunks and
+    chunks go to the least-loaded rank, largest first. Both distributed paths use it (all_gather
+    for plain tensors, all_to_all for FSDP2 shards), so they balance alike. Deterministic, so every
+    rank computes the same plan. Returns (buckets, chunks, owner of each chunk, load per rank);
+    buckets and chunks are lists of indices into keys."""
+    buckets = {}
+    for i, k in enumerate(keys):
+        buckets.setdefault(k, []).append(i)
+    chunks = [idx[k::world] for idx in buckets.values() for k in range(min(world, len(idx)))]
+    owner, load = [0] * len(chunks), [0] * world
+    for c in sorted(range(len(chunks)), key=lambda c: -len(chunks[c]) * sizes[chunks[c][0]]):
+        owner[c] = min(range(world), key=lambda r: load[r])
+        load[owner[c]] += len(chunks[c]) * sizes[chunks[c][0]]
+    return list(buckets.values()), chunks, owner, load
+
+
+def _param_name(group, group_index, i):
+    name = f" ({group['name']!r})" if "name" in group else ""
+    return f"parameter {i} of param group {group_index}{name}"
+
+
+def is_sharded(t):
+    """True for a DTensor (FSDP2 parameter, its grad or its optimizer state). Looked up in
+    sys.modules: a DTensor exists only once torch.distributed.tensor is imported, and importing it
+    here would add ~0.7 s to every `import muon_optim`."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def local_part(t):
+    """The local block of a DTensor (an alias: in-place ops on it update the DTensor), else t."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def matrix_shape(shape):
+    """Global shape of the matrix view (as_matrices) of a parameter of this shape."""
+    shape = tuple(shape)
+    return (shape[0], math.prod(shape[1:])) if len(shape) >= 4 else shape
+
+
+def chunk_rows(n_rows, world):
+    """Rows held by each rank when n_rows are split the way FSDP2 does (torch.chunk: chunks of
+    ceil(n/world) rows, the last ones short or empty): 7 rows on 2 ranks are 4 + 3, 3 on 4 are
+    1 + 1 + 1 + 0."""
+    size = -(-n_rows // world) if world else 0
+    return [max(0, min(size, n_rows - r * size)) for r in range(world)]
+
+
+def shard_layout(p):
+    """(process group, group size, rank in group) of the mesh dim that shards p's dim 0, or
+    (None, 1, 0) for a fully replicated DTensor. Anything but FSDP2's layout (Shard(0) on one mesh
+    dim, Replicate() on the others) is an error: row blocks are what the exchange moves."""
+    from torch.distributed.tensor import Replicate, Shard
+    shard_dims = [d for d, pl in enumerate(p.placements) if not isinstance(pl, Replicate)]
+    if any(not (isinstance(p.placements[d], Shard) and p.placements[d].dim == 0) for d in shard_dims) \
+            or len(shard_dims) > 1:
+        raise ValueError(f"Muon supports DTensor parameters laid out like FSDP2's: Shard(0) on one mesh dim and "
+                         f"Replicate() on the others; got placements {tuple(p.placements)} for a parameter of "
+                         f"shape {tuple(p.shape)}. Shard with torch.distributed.fsdp.fully_shard (default "
+                         "shard_placement_fn), or pass plain tensors.")
+    if not shard_dims:
+        return None, 1, 0
+    mesh, d = p.device_mesh, shard_dims[0]
+    return mesh.get_group(d), mesh.size(d), mesh.get_local_rank(d)
+
+
+def check_sharded_param(p, group, distributed, where):
+    """Reject, when the optimizer is built, the sharded setups Muon cannot run: foreign
+    placements, a sphere retraction that normalizes along the sharded dim 0 (its norm would need
+    every rank's rows), and a single-device wrapper over a parameter spread across ranks."""
+    _, world, _ = shard_layout(p)
+    if world > 1 and not distributed:
+        raise ValueError(f"{where} (shape {tuple(p.shape)}) is a DTensor sharded over {world} ranks, but this "
+                         "optimizer was built with distributed=False (SingleDeviceMuon*): use Muon / MuonWithAuxAdam.")
+    if world > 1 and group.get("sphere") is not None and group["sphere_dim"] % p.ndim == 0:
+        raise ValueError(f"{where} (shape {tuple(p.shape)}): sphere={group['sphere']!r} with sphere_dim="
+                         f"{group['sphere_dim']} normalizes along dim 0, which FSDP2 shards across ranks. Use a "
+                         "sphere_dim other than 0 (e.g. -1; rows are whole on every rank), or keep this parameter "
+                         "out of fully_shard (ignored_params).")
+
+
+def param_signature(p):
+    """What must agree across ranks for the step's collectives to line up."""
+    return (tuple(p.shape), str(p.dtype), tuple(str(pl) for pl in p.placements) if is_sharded(p) else ())
+
+
+def sharded_zeros(p, shape, replicate=False, dtype=torch.float32):
+    """Zeros of global `shape` laid out like p: rows (dim 0) sharded as p's dim 0 is, or
+    replicated on every mesh dim. A DTensor, so torch.distributed.checkpoint can reshard it."""
+    from torch.distributed.tensor import DTensor, Replicate
+    if replicate:
+        placements, local_shape = [Replicate()] * p.device_mesh.ndim, list(shape)
+    else:
+        placements, local_shape = list(p.placements), [local_part(p).shape[0], *shape[1:]]
+    stride = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    local = torch.zeros(local_shape, dtype=dtype, device=local_part(p).device)
+    return DTensor.from_local(local, p.device_mesh, placements, run_check=False, shape=torch.Size(shape),
+                              stride=tuple(stride))
+
+
+def _flat_cat(tensors, dtype, device):
+    return torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.empty(0, dtype=dtype, device=device)
+
+
+def exchange(pieces, recv_sizes, group, dtype, device):
+    """One all_to_all: pieces[d] (any shape) goes to rank d; returns the flat blocks received from
+    each rank and the number of bytes this rank sent to others."""
+    send = _flat_cat(pieces, dtype, device).to(dtype)
+    recv = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
+    send_sizes = [t.numel() for t in pieces]
+    dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=group)
+    rank = dist.get_rank(group)
+    sent = (sum(send_sizes) - send_sizes[rank]) * send.element_size()
+    return list(recv.split(recv_sizes)), sent
+
+
+def orthogonalize_row_sharded(blocks, shape, owners, group, world, rank, method, steps, dtype):
+    """Orthogonalize K same-shape (m, n) matrices whose rows are spread across `world` ranks
+    (torch.chunk blocks; `blocks` are this rank's (rows, n) blocks in bucket order). Matrix j is
+    orthogonalized by rank owners[j]: all_to_all #1 sends each owner its matrices' blocks, the
+    owner stacks and orthogonalizes its share in one batched call, all_to_all #2 returns the rows.
+    Two collectives per bucket whatever K is, and each rank moves (world-1)/world of its blocks
+    twice. Returns (this rank's (rows, n) result blocks, the owner's full results (k, m, n) or
+    None, bytes sent)."""
+    m, n = shape
+    rows = chunk_rows(m, world)
+    starts = [sum(rows[:r]) for r in range(world)]
+    device = blocks[0].device
+    out_dtype = dtype or default_ns_dtype(device, shape)
+    mine = [j for j, o in enumerate(owners) if o == rank]
+    pieces = [_flat_cat([blocks[j] for j, o in enumerate(owners) if o == d], blocks[0].dtype, device)
+              for d in range(world)]
+    got, sent1 = exchange(pieces, [len(mine) * rows[s] * n for s in range(world)], group, blocks[0].dtype, device)
+    full = None
+    if mine:
+        full = torch.cat([g.view(len(mine), rows[s], n) for s, g in enumerate(got)], dim=1)
+        full = orthogonalize(full, method, steps, dtype)
+    back = [full[:, starts[d]:starts[d] + rows[d]] if mine else torch.empty(0, device=device) for d in range(world)]
+    counts = [owners.count(s) for s in range(world)]
+    got, sent2 = exchange(back, [counts[s] * rows[rank] * n for s in range(world)], group, out_dtype, device)
+    result = [None] * len(owners)
+    for s in range(world):
+        for block, j in zip(got[s].view(counts[s], rows[rank], n), [j for j, o in enumerate(owners) if o == s]):
+            result[j] = block
+    return result, full, sent1 + sent2
+
+
+def normuon_normalize_row_sharded(O, second_moments, shape, beta2, group, eps=1e-10):
+    """normuon_normalize for K (m, n) matrices of which this rank holds rows O (K, rows, n).
+    Tall (m >= n): the statistic is per row, so second_moments are row blocks sharded like the
+    parameter and the update is local. Wide: it is per column, averaged over the sharded rows, so
+    one all_reduce sums the column squares and second_moments (1, n) are replicated (n floats per
+    matrix). Either way the Frobenius rescale needs global norms; they ride in the same single
+    all_reduce. Updates second_moments (local tensors) in place."""
+    m, n = shape
+    O = O.float()
+    if m >= n:
+        for v, o in zip(second_moments, O):
+            v.lerp_(o.square().mean(dim=-1, keepdim=True), 1 - beta2)
+        V = torch.stack(second_moments).add(eps)
+        N = O * V.rsqrt()
+        sums = torch.stack([O.square().sum(dim=(-2, -1)), N.square().sum(dim=(-2, -1))], dim=-1)
+        if group is not None:
+            dist.all_reduce(sums, group=group)
+        norm_o, norm_n = sums.unbind(-1)
+    else:
+        cols = O.square().sum(dim=-2, keepdim=True)  # (K, 1, n)
+        if group is not None:
+            dist.all_reduce(cols, group=group)
+        for v, c in zip(second_moments, cols):
+            v.lerp_(c / m, 1 - beta2)
+        V = torch.stack(second_moments).add(eps)
+        N = O * V.rsqrt()
+        norm_o, norm_n = cols.sum(dim=(-2, -1)), (cols / V).sum(dim=(-2, -1))
+    return N * (norm_o.sqrt() / norm_n.sqrt().clamp_min(1e-30)).view(-1, 1, 1)
+
+
+def stat_sums(O):
+    """Per matrix of O (..., m, n): [sum of squares, entries, ||gram - I||_F^2], summable across
+    ranks and batch entries into _record_stats' update RMS and orthogonality error."""
+    O = O.float()
+    k = min(O.shape[-2:])
+    gram = O @ O.mT if O.size(-2) <= O.size(-1) else O.mT @ O
+    err = (gram - torch.eye(k, device=O.device)).square().sum(dim=(-2, -1))
+    return torch.stack([O.square().sum(dim=(-2, -1)), torch.full_like(err, O.size(-2) * O.size(-1)), err], -1)
+
+
+def describe_rank_mismatch(signatures, groups):
+    """The error for ranks whose optimizers disagree: the first differing param group or
+    parameter, what each rank has, and the fix. signatures[r] is rank r's list of
+    (group index, use_muon, [param_signature...])."""
+    ref = signatures[0]
+    for r, sig in enumerate(signatures[1:], 1):
+        if len(sig) != len(ref):
+            problem = f"rank 0 has {len(ref)} param groups, rank {r} has {len(sig)}"
+            break
+        found = None
+        for (gi, muon0, ps0), (_, muon1, ps1) in zip(ref, sig):
+            where = _param_name(groups[gi], gi, 0).split(" of ", 1)[1] if gi < len(groups) else f"param group {gi}"
+            if muon0 != muon1:
+                found = f"{where} has use_muon={muon0} on rank 0 but {muon1} on rank {r}"
+            elif len(ps0) != len(ps1):
+                found = f"{where} has {len(ps0)} parameters on rank 0 but {len(ps1)} on rank {r}"
+            else:
+                diff = [i for i, (a, b) in enumerate(zip(ps0, ps1)) if a != b]
+                if diff:
+                    i = diff[0]
+                    found = (f"parameter {i} of {where}: rank 0 has (shape, dtype, placements) {ps0[i]}, "
+                             f"rank {r} has {ps1[i]}")
+            if found:
+                break
+        if found:
+            problem = found
+            break
+    else:
+        problem = "the parameter signatures differ"
+    return (f"Muon.step: ranks disagree on the parameters to optimize ({problem}). Every rank must build the "
+            "optimizer over the same parameters, in the same order, with the same shapes, dtypes and sharding "
+            "(same model code and fully_shard calls on every rank).")
+
+
+def sharded_comm_bytes(shapes, world, elem_size=4, ns_elem_size=None):
+    """Bytes all ranks together send per step to orthogonalize FSDP-sharded matrices of these
+    (global) shapes: each 2D / conv (m, n) matrix moves the rows its owner lacks,
+    (world-1)/world of them on average (exactly when world divides m), there in the param dtype
+    and back in the NS dtype; 3D parameters (sharded on the batch dim) move nothing. NorMuon adds one
+    small all_reduce per bucket (2 floats per matrix, or n for a wide one) that is not counted."""
+    ns_elem_size = ns_elem_size or elem_size
+    total = 0
+    for s in shapes:
+        if len(s) == 3 or world == 1:
+            continue
+        m, n = matrix_shape(s)
+        total += m * (world - 1) / world * n * (elem_size + ns_elem_size)
+    return total
+
+
+# -----------------------------------------------------------------------------
 # The optimizer
 
 MUON_DEFAULTS = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, ns_method="newton_schulz",
@@ -549,7 +802,10 @@ class Muon(torch.optim.Optimizer):
     When torch.distributed is initialized with world size > 1 (and distributed=True), each rank
     orthogonalizes a share of the matrices and the results are all-gathered; gradients must
     already be averaged (DDP). Every rank keeps every buffer, so state_dicts are complete and
-    identical. track_stats=True records each matrix's update RMS and orthogonality error (read
+    identical. FSDP2 parameters (fully_shard: DTensors, Shard(0); HSDP meshes too) need nothing
+    else: each rank keeps only its rows of every buffer (DTensors, which torch.distributed.checkpoint
+    reshards), owners orthogonalize whole matrices fetched by all_to_all (see 'Sharded parameters');
+    plain and sharded parameters may be mixed. Ranks whose parameters disagree get an error, not a hang. track_stats=True records each matrix's update RMS and orthogonality error (read
     with .stats(), which is the only place that syncs with the device)."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, *,
@@ -601,6 +857,9 @@ class Muon(torch.optim.Optimizer):
             if group["ns_method"] not in ORTHOGONALIZERS:
                 raise ValueError(f"unknown ns_method {group['ns_method']!r}; choose one of {sorted(ORTHOGONALIZERS)}")
             shape_scale((1, 1), group["scale"])
+        for i, p in enumerate(params):
+            if is_sharded(p):
+                check_sharded_param(p, group, self.distributed, _param_name(group, len(self.param_groups), i))
         group["params"] = params
         saved, self.defaults = self.defaults, {}  # every key is set above; torch must not add Muon keys to AdamW
         try:
@@ -641,17 +900,45 @@ class Muon(torch.optim.Optimizer):
             return dist.get_world_size(), dist.get_rank()
         return 1, 0
 
-    def _params_with_grad(self, group, world):
-        """Parameters to update this step. With several ranks the has-grad mask is agreed on
-        (a parameter is skipped on every rank if any rank lacks its grad), so no rank waits on a
-        collective the others skip."""
-        params = group["params"]
-        has_grad = [p.grad is not None for p in params]
-        if world > 1 and params:
-            mask = torch.tensor(has_grad, dtype=torch.int32, device=params[0].device)
-            dist.all_reduce(mask, op=dist.ReduceOp.MIN)
-            has_grad = mask.bool().tolist()
-        return [p for p, h in zip(params, has_grad) if h]
+    def _agree_on_params(self, world):
+        """Per group, the parameters to update this step, agreed on by all ranks with one small
+        all_gather per step: (group count, parameter count, hash of every shape/dtype/placement,
+        hash of the has-grad mask). A rank whose parameters differ gets a clear error naming the
+        first differing parameter on every rank (instead of a collective that never completes).
+        If only the masks differ, one all_reduce agrees on them: a plain parameter is skipped on
+        every rank if any rank lacks its grad (as with DDP); a sharded one missing its grad on
+        some ranks only is an error, since those ranks' rows would get no update."""
+        groups = self.param_groups
+        masks = [[p.grad is not None for p in g["params"]] for g in groups]
+        if world > 1:
+            params = [p for g in groups for p in g["params"]]
+            sigs = [(gi, bool(g["use_muon"]), [param_signature(p) for p in g["params"]]) for gi, g in enumerate(groups)]
+            device = params[0].grad.device if params and params[0].grad is not None else (
+                local_part(params[0]).device if params else torch.device("cpu"))
+            header = torch.tensor([len(groups), len(params), zlib.crc32(repr(sigs).encode()),
+                                   zlib.crc32(repr(masks).encode())], dtype=torch.int64, device=device)
+            gathered = [torch.empty_like(header) for _ in range(world)]
+            dist.all_gather(gathered, header)
+            table = torch.stack(gathered).cpu()
+            if (table[:, :3] != table[0, :3]).any():
+                everyone = [None] * world
+                dist.all_gather_object(everyone, sigs)
+                raise RuntimeError(describe_rank_mismatch(everyone, groups))
+            if (table[:, 3] != table[0, 3]).any():
+                flat = torch.tensor([h for m in masks for h in m], dtype=torch.int32, device=device)
+                both = torch.cat([flat, -flat])
+                dist.all_reduce(both, op=dist.ReduceOp.MIN)
+                lo, hi = both[:len(flat)].tolist(), (-both[len(flat):]).tolist()
+                k = 0
+                for gi, g in enumerate(groups):
+                    for i, p in enumerate(g["params"]):
+                        if is_sharded(p) and lo[k] != hi[k]:
+                            raise RuntimeError(f"Muon.step: {_param_name(g, gi, i)} (shape {tuple(p.shape)}, sharded) "
+                                               "has a gradient on some ranks but not on others; every rank must "
+                                               "run backward through it (or zero_grad it on all ranks).")
+                        masks[gi][i] = bool(lo[k])
+                        k += 1
+        return [[p for p, h in zip(g["params"], m) if h] for g, m in zip(groups, masks)]
 
     def _orthogonalize_all(self, group, inputs, world, rank):
         """Orthogonalize every input. Same-shape matrices are stacked into one batched call (one
@@ -659,14 +946,9 @@ class Muon(torch.optim.Optimizer):
         split into up to `world` chunks, chunks go to the least-loaded rank (largest first), and one
         all_gather shares the results; with one rank the same code runs without the gather."""
         mats = [as_matrices(x) for x in inputs]
-        buckets = {}  # stacking needs one shape, device and dtype
-        for i, m in enumerate(mats):
-            buckets.setdefault((tuple(m.shape), m.device, m.dtype), []).append(i)
-        chunks = [idx[k::world] for idx in buckets.values() for k in range(min(world, len(idx)))]
-        owner, load = [0] * len(chunks), [0] * world
-        for c in sorted(range(len(chunks)), key=lambda c: -len(chunks[c]) * mats[chunks[c][0]].numel()):
-            owner[c] = min(range(world), key=lambda r: load[r])
-            load[owner[c]] += len(chunks[c]) * mats[chunks[c][0]].numel()
+        # stacking needs one shape, device and dtype
+        keys = [(tuple(m.shape), m.device, m.dtype) for m in mats]
+        _, chunks, owner, load = share_work(keys, [m.numel() for m in mats], world)
         outputs = [None] * len(mats)
         mine = [c for c in range(len(chunks)) if owner[c] == rank]
         for c in mine:
@@ -691,6 +973,7 @@ class Muon(torch.optim.Optimizer):
                 offset += mats[i].numel()
         gathered = [torch.empty_like(buf) for _ in range(world)]
         dist.all_gather(gathered, buf)
+        self.comm_bytes += (world - 1) * buf.numel() * buf.element_size()
         offsets = [0] * world
         for c in range(len(chunks)):
             r = owner[c]
@@ -709,8 +992,8 @@ class Muon(torch.optim.Optimizer):
         world, rank = self._world()
         if self.track_stats:
             self._stats = {}  # stats() covers this step's matrices only
-        for group in self.param_groups:
-            params = self._params_with_grad(group, world)
+        self.comm_bytes = 0  # bytes this rank sent to other ranks in this step (bench.py reports it)
+        for group, params in zip(self.param_groups, self._agree_on_params(world)):
             if not params:
                 continue
             if group["use_muon"]:
@@ -720,11 +1003,17 @@ class Muon(torch.optim.Optimizer):
             for p, u in zip(params, updates):
                 state = self.state[p]
                 state["step"] = state.get("step", 0) + 1
-                apply_update(p, u, group["lr"], group["weight_decay"], group["cautious_wd"], group["sphere"],
+                apply_update(local_part(p), u, group["lr"], group["weight_decay"], group["cautious_wd"], group["sphere"],
                              group["sphere_dim"], group["proj_every"], state["step"])
         return loss
 
     def _muon_directions(self, group, params, world, rank):
+        if any(is_sharded(p) for p in params):  # FSDP2 parameters, possibly mixed with plain ones
+            plain = [p for p in params if not is_sharded(p)]
+            sharded = [p for p in params if is_sharded(p)]
+            out = dict(zip(map(id, plain), self._muon_directions(group, plain, world, rank) if plain else []))
+            out.update(zip(map(id, sharded), self._sharded_muon_directions(group, sharded)))
+            return [out[id(p)] for p in params]
         inputs = []
         for p in params:
             state = self.state[p]
@@ -743,6 +1032,99 @@ class Muon(torch.optim.Optimizer):
             directions.append((O * shape_scale(O.shape, group["scale"])).view(p.shape))
         return directions
 
+    def _sharded_muon_directions(self, group, params):
+        """Muon directions for DTensor (FSDP2) parameters, as local blocks: momentum on the local
+        rows; whole matrices (3D parameters, sharded on the batch dim, or unsharded layouts)
+        orthogonalized where they are; row-sharded 2D / conv matrices bucketed by shape and
+        exchanged with their owners (orthogonalize_row_sharded); NorMuon with global statistics;
+        the scale of the GLOBAL matrix shape."""
+        method, steps, ns_dtype = group["ns_method"], group["ns_steps"], group["ns_dtype"]
+        layouts = [shard_layout(p) for p in params]
+        inputs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            inputs.append(momentum_direction(local_part(p.grad), local_part(state["momentum_buffer"]),
+                                             group["momentum"], group["nesterov"]))
+        O, sums = [None] * len(params), {}
+        whole = [i for i, p in enumerate(params) if p.ndim == 3 or layouts[i][1] == 1]
+        by_shape = {}
+        for i in whole:
+            by_shape.setdefault((matrix_shape(params[i].shape)[-2:], inputs[i].dtype), []).append(i)
+        for (shape, _), idx in by_shape.items():
+            mats = [as_matrices(inputs[i]).reshape(-1, *shape) for i in idx]
+            stacked = torch.cat(mats)
+            res = (orthogonalize(stacked, method, steps, ns_dtype) if stacked.size(0)
+                   else stacked.to(ns_dtype or default_ns_dtype(stacked.device, stacked.shape)))
+            for i, r in zip(idx, res.split([x.size(0) for x in mats])):
+                O[i] = r
+                if self.track_stats:
+                    sums[i] = stat_sums(r).sum(0)
+                if group["normuon"]:
+                    v = self._sharded_normuon_state(params[i])
+                    O[i] = normuon_normalize(r, v.view(*r.shape[:-2], *v.shape[-2:]), group["normuon"])
+        rowed = {}
+        for i in range(len(params)):
+            if i not in whole:
+                rowed.setdefault(id(layouts[i][0]), []).append(i)
+        for idx in rowed.values():
+            pg, world, rank = layouts[idx[0]]
+            keys = [(matrix_shape(params[i].shape), inputs[i].dtype) for i in idx]
+            buckets, chunks, owner, _ = share_work(keys, [math.prod(k[0]) for k in keys], world)
+            owner_of = {j: owner[c] for c, chunk in enumerate(chunks) for j in chunk}
+            for bucket in buckets:
+                shape = keys[bucket[0]][0]
+                blocks = [as_matrices(inputs[idx[j]]) for j in bucket]
+                for j, b in zip(bucket, blocks):
+                    if b.size(0) != chunk_rows(shape[0], world)[rank]:
+                        raise RuntimeError(f"Muon: a parameter of shape {tuple(params[idx[j]].shape)} holds {b.size(0)} "
+                                           f"rows on rank {rank} of {world}, expected {chunk_rows(shape[0], world)} "
+                                           "(torch.chunk split, as fully_shard does); reshard with fully_shard.")
+                owners = [owner_of[j] for j in bucket]
+                res, full, sent = orthogonalize_row_sharded(blocks, shape, owners, pg, world, rank, method, steps,
+                                                            ns_dtype)
+                self.comm_bytes += sent
+                if self.track_stats:
+                    owned = iter(stat_sums(full) if full is not None else [])
+                    for j, o in zip(bucket, owners):
+                        sums[idx[j]] = next(owned) if o == rank else torch.zeros(3, device=res[0].device)
+                if group["normuon"]:
+                    moments = [local_part(self._sharded_normuon_state(params[idx[j]])) for j in bucket]
+                    res = normuon_normalize_row_sharded(torch.stack(res), moments, shape, group["normuon"], pg)
+                for j, r in zip(bucket, res):
+                    O[idx[j]] = r
+        if self.track_stats:
+            self._record_sharded_stats(params, layouts, sums)
+        return [(o * shape_scale(matrix_shape(p.shape)[-2:], group["scale"])).view(local_part(p).shape)
+                for p, o in zip(params, O)]
+
+    def _sharded_normuon_state(self, p):
+        """NorMuon's second moment for a DTensor parameter (a DTensor, so checkpoints reshard):
+        per row of each matrix (tall) sharded like p's rows; per column (wide) of a row-sharded
+        matrix replicated, n floats, since its statistic averages over the sharded rows."""
+        state = self.state[p]
+        if "second_moment" not in state:
+            shape = list(matrix_shape(p.shape))
+            short = _short_axis(shape)
+            shape[short] = 1
+            state["second_moment"] = sharded_zeros(p, shape, replicate=p.ndim != 3 and short == -2)
+        return local_part(state["second_moment"])
+
+    def _record_sharded_stats(self, params, layouts, sums):
+        """track_stats for DTensor parameters: the per-rank partial sums (owners hold whole
+        matrices, 3D shards their batch slice) are summed with one all_reduce per process group."""
+        by_group = {}
+        for i, (pg, world, _) in enumerate(layouts):
+            by_group.setdefault(id(pg) if world > 1 else None, []).append(i)
+        for key, idx in by_group.items():
+            t = torch.stack([sums[i] for i in idx])
+            if key is not None:
+                dist.all_reduce(t, group=layouts[idx[0]][0])
+            for row, i in zip(t, idx):
+                k = min(matrix_shape(params[i].shape)[-2:])
+                self._stats[params[i]] = ((row[0] / row[1]).sqrt(), row[2].sqrt() / math.sqrt(k))
+
     def _adam_directions(self, group, params):
         directions = []
         for p in params:
@@ -751,8 +1133,8 @@ class Muon(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
             step = state.get("step", 0) + 1
-            directions.append(adam_update(p.grad, state["exp_avg"], state["exp_avg_sq"], step, group["betas"],
-                                          group["eps"]))
+            directions.append(adam_update(local_part(p.grad), local_part(state["exp_avg"]),
+                                          local_part(state["exp_avg_sq"]), step, group["betas"], group["eps"]))
         return directions
 
     # -- diagnostics ----------------------------------------------------------------
