@@ -508,21 +508,23 @@ def sphere_retract(p, update, lr, mode, dim=-1):
 
 
 def apply_update(p, update, lr, weight_decay=0.0, cautious_wd=False, sphere=None, sphere_dim=-1,
-                 proj_every=1, step=1):
-    """p <- p*(1 - lr*wd) - lr*update, the decoupled-weight-decay step shared by Muon and AdamW.
-    cautious_wd (arXiv 2510.12402) decays only the entries where the update pushes the same way
-    as the decay (update * p >= 0). With `sphere` the step is a sphere retraction instead
-    (project every `proj_every` steps, or geodesic)."""
-    update = update.to(p.dtype)
+                 proj_every=1, step=1, scale=1.0):
+    """p <- p*(1 - lr*wd) - lr*scale*update, the decoupled-weight-decay step shared by Muon and
+    AdamW. `update` may be in a lower precision than p (Muon's bf16 orthogonalization): the
+    in-place add reads it once and does the arithmetic in p's dtype, and the scale rides in the
+    add's alpha, so no scaled or upcast copy of the update is made. cautious_wd (arXiv
+    2510.12402) decays only the entries where the update pushes the same way as the decay
+    (update * p >= 0; scale > 0 does not change the sign). With `sphere` the step is a sphere
+    retraction instead (project every `proj_every` steps, or geodesic)."""
     if weight_decay:
         if cautious_wd:
             p.sub_(p * (update * p >= 0) * (lr * weight_decay))
         else:
             p.mul_(1 - lr * weight_decay)
     if sphere is None or (sphere == "project" and step % proj_every != 0):
-        p.add_(update, alpha=-lr)
+        p.add_(update, alpha=-lr * scale)
     else:
-        sphere_retract(p, update, lr, sphere, sphere_dim)
+        sphere_retract(p, update.to(p.dtype) * scale, lr, sphere, sphere_dim)
 
 
 # -----------------------------------------------------------------------------
@@ -1000,11 +1002,11 @@ class Muon(torch.optim.Optimizer):
                 updates = self._muon_directions(group, params, world, rank)
             else:
                 updates = self._adam_directions(group, params)
-            for p, u in zip(params, updates):
+            for p, (u, scale) in zip(params, updates):
                 state = self.state[p]
                 state["step"] = state.get("step", 0) + 1
                 apply_update(local_part(p), u, group["lr"], group["weight_decay"], group["cautious_wd"], group["sphere"],
-                             group["sphere_dim"], group["proj_every"], state["step"])
+                             group["sphere_dim"], group["proj_every"], state["step"], scale)
         return loss
 
     def _muon_directions(self, group, params, world, rank):
@@ -1029,7 +1031,7 @@ class Muon(torch.optim.Optimizer):
                 if "second_moment" not in state:
                     state["second_moment"] = normuon_buffer(O)
                 O = normuon_normalize(O, state["second_moment"], group["normuon"])
-            directions.append((O * shape_scale(O.shape, group["scale"])).view(p.shape))
+            directions.append((O.view(p.shape), shape_scale(O.shape, group["scale"])))
         return directions
 
     def _sharded_muon_directions(self, group, params):
@@ -1096,7 +1098,7 @@ class Muon(torch.optim.Optimizer):
                     O[idx[j]] = r
         if self.track_stats:
             self._record_sharded_stats(params, layouts, sums)
-        return [(o * shape_scale(matrix_shape(p.shape)[-2:], group["scale"])).view(local_part(p).shape)
+        return [(o.view(local_part(p).shape), shape_scale(matrix_shape(p.shape)[-2:], group["scale"]))
                 for p, o in zip(params, O)]
 
     def _sharded_normuon_state(self, p):
@@ -1133,8 +1135,8 @@ class Muon(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
             step = state.get("step", 0) + 1
-            directions.append(adam_update(local_part(p.grad), local_part(state["exp_avg"]),
-                                          local_part(state["exp_avg_sq"]), step, group["betas"], group["eps"]))
+            directions.append((adam_update(local_part(p.grad), local_part(state["exp_avg"]),
+                                           local_part(state["exp_avg_sq"]), step, group["betas"], group["eps"]), 1.0))
         return directions
 
     # -- diagnostics ----------------------------------------------------------------
