@@ -390,11 +390,13 @@ def make_optimizer(name, model, cfg, lr=None):
 
 def setup_distributed(cfg):
     """rank, world size, device. Under torchrun (RANK set) this joins the process group (NCCL on CUDA,
-    gloo on CPU); --fsdp=True in a plain process makes a 1-rank group, since FSDP needs one."""
+    gloo on CPU); --fsdp=True in a plain process makes a 1-rank group, since FSDP needs one. A group the
+    caller made already is used as it is (tests/lm_dist_worker.py trains several configs in one launch)."""
     launched = "RANK" in os.environ
     use_cuda = torch.cuda.is_available() and cfg["device"] in ("auto", "cuda") if launched or cfg["fsdp"] else None
     if launched:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         local_rank = int(os.environ["LOCAL_RANK"])
         device = f"cuda:{local_rank}" if use_cuda else "cpu"
     elif cfg["fsdp"]:
@@ -421,10 +423,12 @@ def build_run(name, lr, cfg, env):
     if env["fsdp"]:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         cuda = env["device_type"] == "cuda"
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(env["device_type"], (env["world"],))  # on this process group (see train)
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32)
         for block in model.blocks:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
     optimizer = make_optimizer(name, model, cfg, lr)
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
@@ -770,11 +774,12 @@ def train(cfg):
     """Train the runs of cfg['optimizers'] one after another (same initial weights, same batches in the
     same order); returns the metrics dict (also in out_dir/metrics.json)."""
     runs = parse_optimizers(cfg["optimizers"])
+    own_group = not dist.is_initialized()
     env = setup_distributed(cfg)
     try:
         return train_runs(runs, cfg, env)
     finally:
-        if dist.is_initialized():
+        if own_group and dist.is_initialized():
             dist.destroy_process_group()
 
 

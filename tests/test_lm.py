@@ -289,25 +289,59 @@ def test_wandb_logs_the_metrics_offline(data_dir, tmp_path, monkeypatch):
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
-def test_torchrun_two_processes_match_one(data_dir, tmp_path):
-    args = [f"--{k}={v}" for k, v in TINY.items()] + [f"--data_dir={data_dir}", "--max_steps=6", "--eval_every=3",
-                                                     "--optimizers=muon,adamw"]
+def muon_supports_dtensors():
+    """FSDP2 turns parameters into DTensors; the Muon run needs a muon_optim that handles them."""
+    import inspect
+    import muon_optim
+    return "DTensor" in inspect.getsource(muon_optim)
+
+
+def torchrun(tmp_path, configs, nproc=2):
+    """One torchrun launch (gloo on CPU) that trains each config in turn (tests/lm_dist_worker.py)."""
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps(configs))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, "train_muon.py", *args, f"--out_dir={tmp_path / 'one'}"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "train_muon.py", *args, f"--out_dir={tmp_path / 'two'}"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
-    m1 = json.load(open(tmp_path / "one" / "metrics.json"))
-    m2 = json.load(open(tmp_path / "two" / "metrics.json"))
-    assert m2["world_size"] == 2 and m2["tokens_per_step"] == m1["tokens_per_step"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        "tests/lm_dist_worker.py", str(path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def val_losses(metrics, label):
+    return [p["loss"] for p in metrics["runs"][label]["val"]]
+
+
+def load_metrics(out):
+    return json.load(open(os.path.join(out, "metrics.json")))
+
+
+def test_torchrun_ddp_and_fsdp_match_one_process_and_resume(data_dir, tmp_path):
+    """2 ranks x 1 micro-step (DDP) == 1 process x 2 micro-steps; FSDP on 2 ranks == DDP on 2 ranks; an FSDP
+    run stopped and resumed == uninterrupted; a 2-rank FSDP checkpoint resumes on 1 rank."""
+    fsdp_runs = "muon,adamw" if muon_supports_dtensors() else "adamw"
+    base = config(data_dir, tmp_path, max_steps=8, eval_every=4, optimizers="muon,adamw")
+    out = {k: str(tmp_path / k) for k in ("ddp", "fsdp", "stopped", "half")}
+    fsdp = dict(base, optimizers=fsdp_runs, fsdp=True)
+    torchrun(tmp_path, [dict(base, out_dir=out["ddp"]), dict(fsdp, out_dir=out["fsdp"]),
+                        dict(fsdp, out_dir=out["stopped"], stop_after_steps=5),
+                        dict(fsdp, out_dir=out["stopped"], resume=True),
+                        dict(fsdp, out_dir=out["half"], stop_after_steps=5)])
+    one = train_muon.train(dict(base, out_dir=str(tmp_path / "one")))
+    ddp, m_fsdp, resumed = load_metrics(out["ddp"]), load_metrics(out["fsdp"]), load_metrics(out["stopped"])
+    assert ddp["world_size"] == 2 and ddp["tokens_per_step"] == one["tokens_per_step"]
     for label in ("muon", "adamw"):
-        np.testing.assert_allclose(train_losses(m2, label), train_losses(m1, label), rtol=1e-4)
-        np.testing.assert_allclose([p["loss"] for p in m2["runs"][label]["val"]],
-                                   [p["loss"] for p in m1["runs"][label]["val"]], rtol=1e-4)
-    assert train_losses(m1, "muon")[-1] < train_losses(m1, "muon")[0]
+        np.testing.assert_allclose(train_losses(ddp, label), train_losses(one, label), rtol=1e-4)
+        np.testing.assert_allclose(val_losses(ddp, label), val_losses(one, label), rtol=1e-4)
+    assert train_losses(one, "muon")[-1] < train_losses(one, "muon")[0]
+    for label in fsdp_runs.split(","):
+        np.testing.assert_allclose(train_losses(m_fsdp, label), train_losses(ddp, label), atol=1e-5)
+        np.testing.assert_allclose(val_losses(m_fsdp, label), val_losses(ddp, label), atol=1e-5)
+        assert train_losses(resumed, label) == train_losses(m_fsdp, label)  # same ranks: exact
+        assert val_losses(resumed, label) == val_losses(m_fsdp, label)
+    assert os.path.isdir(os.path.join(out["fsdp"], "ckpt", "adamw"))  # a torch.distributed.checkpoint directory
+    single = train_muon.train(dict(fsdp, out_dir=out["half"], resume=True))  # 2-rank checkpoint, 1 rank now
+    for label in fsdp_runs.split(","):
+        np.testing.assert_allclose(train_losses(single, label), train_losses(m_fsdp, label), atol=1e-5)
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):
