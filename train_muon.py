@@ -662,6 +662,16 @@ def resume_run(path, model, optimizer, loader, run, code, env):
     return meta
 
 
+def stop_non_finite(what, path, last_good, metrics, cfg, master):
+    """Exit without checkpointing a state that has diverged: the last good checkpoint stays resumable."""
+    where = f"the last good checkpoint ({path}, step {last_good}) is kept" if last_good is not None else \
+        "no checkpoint was written yet"
+    if master:
+        save_metrics(metrics, cfg["out_dir"])
+    raise SystemExit(f"error: non-finite {what}; stopping without saving this state, {where}. Lower the "
+                     f"learning rate or add warmup (--warmup_steps), or set --grad_clip=1.0.")
+
+
 def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
     """Train one run to max_steps, from the shared initial weights or from its checkpoint (resume). Stops
     early, with a checkpoint, after `budget` steps of this invocation or on Ctrl-C / SIGTERM. Returns
@@ -684,21 +694,13 @@ def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
 
     def checkpoint(finished=False):
         if not weights_finite(model, env):
-            fail(f"weights in run {label!r} after step {step}")
+            stop_non_finite(f"weights in run {label!r} after step {step}", path, last_good, metrics, cfg, master)
         if cfg["save_checkpoint"]:
             write_checkpoint(path, dict(script=SCRIPT, code=metrics["code"], config=cfg, label=label, step=step,
                                         train_time=train_time, loader=loader.state_dict(), rng=rng_state(),
                                         run_metrics=run, vocab_map=data["vocab_map"], finished=finished,
                                         train_shards=[os.path.basename(f) for f in data["files"]],
                                         wandb_id=wb.id if wb else meta.get("wandb_id")), model, optimizer, env)
-
-    def fail(what):
-        where = f"the last good checkpoint ({path}, step {last_good}) is kept" if last_good is not None else \
-            "no checkpoint was written yet"
-        if master:
-            save_metrics(metrics, cfg["out_dir"])
-        raise SystemExit(f"error: non-finite {what}; stopping without saving this state, {where}. Lower the "
-                         f"learning rate or add warmup (--warmup_steps), or set --grad_clip=1.0.")
 
     def log_eval():
         loss = evaluate(model, data["val_tokens"], B, T, env, autocast)
@@ -743,7 +745,8 @@ def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
             train_time += dt
             step, trained = step + 1, trained + 1
             if not math.isfinite(loss_value):
-                fail(f"training loss ({loss_value}) in run {label!r} at step {step}")
+                stop_non_finite(f"training loss ({loss_value}) in run {label!r} at step {step}", path, last_good,
+                                metrics, cfg, master)
             run["train"].append(dict(step=step, loss=loss_value, lr=lr_mult, tok_s=tokens_per_step / dt, time=train_time))
             if wb:
                 wb.log(dict(train_loss=loss_value, lr=lr_mult, tok_s=tokens_per_step / dt, time=train_time), step=step)
