@@ -1,7 +1,7 @@
 """
 model_keller.py -- a small modern GPT in the modded-nanogpt line (Keller Jordan et al.), readable like
-nanoGPT's model.py. Used by train_muon.py; copy it into your own project as one file (needs torch and,
-for configure_optimizers("muon"), muon_optim.py).
+nanoGPT's model.py. Used by train_muon.py; copy it into your own project as one file (imports torch only:
+the optimizer, Muon or AdamW, is built by the trainer, see train_muon.make_optimizer).
 
 Differences from GPT-2 / nanoGPT, each from the modded-nanogpt speedrun:
   - RMSNorm without learnable parameters (pre-norm, plus a norm right after the embedding)
@@ -177,30 +177,3 @@ class GPT(nn.Module):
         if peak is None or dt <= 0:
             return None
         return self.flops_per_token(seq_len) * tokens_per_iter / dt / peak
-
-    def configure_optimizers(self, optimizer, *, muon_lr=0.05, muon_momentum=0.95, head_lr=0.008, embed_lr=0.6,
-                             scalar_lr=0.04, adam_betas=(0.8, 0.95), adamw_lr=1.5e-3, adamw_betas=(0.9, 0.95),
-                             weight_decay=0.1, device_type="cpu"):
-        """'muon': Muon on the hidden matrices (every >= 2D weight inside the blocks) + Adam (betas
-        adam_betas, eps 1e-10, no weight decay) for the head, the embedding and any < 2D parameters,
-        each with its own lr, all in one muon_optim.Muon.
-        'adamw': torch AdamW on everything (lr adamw_lr), weight decay on >= 2D weights only.
-        Every parameter lands in exactly one group; groups carry a 'name' for logging."""
-        if optimizer == "muon":
-            from muon_optim import Muon
-            hidden = [p for n, p in self.named_parameters() if n.startswith("blocks.") and p.ndim >= 2]
-            scalars = [p for n, p in self.named_parameters() if p.ndim < 2]
-            adam = dict(use_muon=False, betas=adam_betas, eps=1e-10, weight_decay=0.0)
-            groups = [dict(params=hidden, use_muon=True, lr=muon_lr, momentum=muon_momentum, name="muon"),
-                      dict(params=[self.lm_head.weight], lr=head_lr, name="head", **adam),
-                      dict(params=[self.wte.weight], lr=embed_lr, name="embed", **adam),
-                      dict(params=scalars, lr=scalar_lr, name="scalar", **adam)]
-            return Muon([g for g in groups if g["params"]])
-        if optimizer == "adamw":
-            decay = [p for p in self.parameters() if p.ndim >= 2]
-            no_decay = [p for p in self.parameters() if p.ndim < 2]
-            groups = [dict(params=decay, weight_decay=weight_decay, name="decay"),
-                      dict(params=no_decay, weight_decay=0.0, name="no_decay")]
-            return torch.optim.AdamW([g for g in groups if g["params"]], lr=adamw_lr, betas=adamw_betas, eps=1e-8,
-                                     fused=device_type == "cuda")
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose 'muon' or 'adamw'")

@@ -19,14 +19,18 @@ or .parquet files; all files of one glob must have the same kind.
 
 Shards are written atomically (temp file, then os.replace), and a small state file records where each
 shard ended in the document stream, so a rerun (e.g. after Ctrl-C or a dropped connection) skips the
-finished shards without tokenizing them again.
+finished shards without tokenizing them again. A rerun with other settings (e.g. another --shard_size)
+starts over and deletes the earlier run's shards first (and says so), so the train glob never mixes
+two runs; shards in out_dir that no prepare_state.json accounts for make it stop instead.
+
+No network: tiktoken downloads its BPE files on first use (copy them and set TIKTOKEN_CACHE_DIR), and
+the hub dataset needs the HF hub (use --input= for local files, or a filled HF cache with HF_HUB_OFFLINE=1).
 """
 import glob
 import json
 import multiprocessing as mp
 import os
 import sys
-from ast import literal_eval
 
 import numpy as np
 from tqdm import tqdm
@@ -50,7 +54,7 @@ num_proc = max(1, (os.cpu_count() or 2) - 1)  # tokenizer processes (1 = tokeniz
 chunksize = 16  # documents per task sent to a worker
 # -----------------------------------------------------------------------------
 
-MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 STATE_FILE = "prepare_state.json"
 
 
@@ -64,8 +68,8 @@ def write_shard(path, tokens):
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
         raise ValueError(f"token ids must fit uint16 (0..65535), got range {tokens.min()}..{tokens.max()}")
-    header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[:3] = MAGIC, VERSION, len(tokens)
+    header = np.zeros(SHARD_HEADER_INTS, dtype=np.int32)
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(header.tobytes())
@@ -74,14 +78,35 @@ def write_shard(path, tokens):
 
 
 def read_shard(path):
-    """Tokens of a shard as a uint16 array, after checking magic, version and size."""
-    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
-    if len(header) < HEADER_INTS or header[0] != MAGIC or header[1] != VERSION:
-        raise ValueError(f"{path} is not an llm.c token shard (bad or short header)")
-    count = int(header[2])
-    if os.path.getsize(path) != HEADER_INTS * 4 + 2 * count:
-        raise ValueError(f"{path}: header says {count} tokens but the file has {os.path.getsize(path)} bytes")
-    return np.fromfile(path, dtype=np.uint16, offset=HEADER_INTS * 4)
+    """The uint16 tokens of one shard, memory-mapped, after checking the header and the size."""
+    header = np.fromfile(path, dtype=np.int32, count=SHARD_HEADER_INTS)
+    if header.size < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC:
+        raise ValueError(f"{path} is not a token shard (magic {header[:1].tolist()} != {SHARD_MAGIC}); "
+                         "write shards with prepare_fineweb.py")
+    if header[1] != SHARD_VERSION:
+        raise ValueError(f"{path}: shard version {header[1]}, this script reads version {SHARD_VERSION}")
+    n = int(header[2])
+    expected = SHARD_HEADER_INTS * 4 + 2 * n
+    if os.path.getsize(path) != expected:
+        raise ValueError(f"{path}: header says {n} tokens ({expected} bytes) but the file has "
+                         f"{os.path.getsize(path)} bytes; the shard is truncated, rewrite it")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=SHARD_HEADER_INTS * 4, shape=(n,))
+
+
+def stray_shards(out_dir, prefix, keep):
+    """Shard files in out_dir with this prefix that are not among the first `keep` shards of this run."""
+    wanted = {shard_path(out_dir, i, prefix) for i in range(keep)}
+    found = glob.glob(os.path.join(out_dir, f"{prefix}_val_*.bin")) + glob.glob(os.path.join(out_dir, f"{prefix}_train_*.bin"))
+    return sorted(p for p in found if p not in wanted)
+
+
+def remove_shards(paths, why):
+    """Delete shards this run does not own, loudly: a glob over out_dir would otherwise train on them."""
+    if paths:
+        print(f"removing {len(paths)} shard(s) {why}: {', '.join(os.path.basename(p) for p in paths[:3])}"
+              f"{', ...' if len(paths) > 3 else ''}")
+    for p in paths:
+        os.remove(p)
 
 
 def shard_complete(path, expected_tokens):
@@ -125,7 +150,13 @@ def load_documents(dataset, dataset_config, split, input, text_field, txt_sample
         kwargs = dict(sample_by=txt_sample_by) if builder == "text" else {}
         docs = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
     else:
-        docs = datasets.load_dataset(dataset, name=dataset_config or None, split=split, streaming=True)
+        try:
+            docs = datasets.load_dataset(dataset, name=dataset_config or None, split=split, streaming=True)
+        except Exception as e:  # no network, offline mode, a gated/renamed dataset: the hub's error is long
+            raise ConnectionError(f"could not open the hub dataset {dataset!r} ({type(e).__name__}: {str(e)[:200]}). "
+                                  "For local files use --input='texts/*.txt' (or .jsonl/.parquet); for a dataset "
+                                  "already downloaded, point HF_HOME (or HF_DATASETS_CACHE) at its cache and set "
+                                  "HF_HUB_OFFLINE=1") from None
     return docs.shuffle(seed=shuffle_seed, buffer_size=shuffle_buffer) if shuffle_seed >= 0 else docs
 
 
@@ -144,9 +175,20 @@ _encoder = None
 
 
 def get_encoding(enc):
-    """A tiktoken Encoding from a name or an Encoding object (kept as is: tests build small ones)."""
+    """A tiktoken Encoding from a name or an Encoding object (kept as is: tests build small ones).
+    tiktoken downloads the BPE files on first use; without network that fails deep inside `requests`,
+    so the error here says where the files go instead."""
     import tiktoken
-    return tiktoken.get_encoding(enc) if isinstance(enc, str) else enc
+    if not isinstance(enc, str):
+        return enc
+    if enc not in tiktoken.list_encoding_names():
+        raise ValueError(f"--encoding={enc!r} is not a tiktoken encoding; choose one of {tiktoken.list_encoding_names()}")
+    try:
+        return tiktoken.get_encoding(enc)
+    except Exception as e:  # requests' ConnectionError/ProxyError, a blocked download, a corrupt cache, ...
+        raise ConnectionError(f"could not load the tiktoken encoding {enc!r} ({type(e).__name__}: {str(e)[:200]}). "
+                              "tiktoken downloads its BPE files on first use; without network, copy the cache "
+                              "directory of a machine that has them and set TIKTOKEN_CACHE_DIR=that directory") from None
 
 
 def _init_worker(enc):
@@ -163,30 +205,28 @@ def tokenize(text):
 # -- the driver --------------------------------------------------------------------
 
 def load_state(out_dir, settings):
-    """(finished shards, whether the whole run had finished). Each shard entry records its token count
-    and the resume point after it: documents fully consumed, tokens of the next document already used.
-    Only a prefix of shards that still exist and are valid counts; other settings -> start over."""
+    """(finished shards, whether the whole run had finished, whether a state file exists). Each shard
+    entry records its token count and the resume point after it: documents fully consumed, tokens of
+    the next document already used. Only a prefix of shards that still exist and are valid counts;
+    other settings -> start over."""
     path = os.path.join(out_dir, STATE_FILE)
     if not os.path.exists(path):
-        return [], False
+        return [], False, False
     with open(path) as f:
         state = json.load(f)
     if state.get("settings") != settings:
         print(f"{path} was written with other settings; tokenizing from the start")
-        return [], False
+        return [], False, True
     done = []
     for i, entry in enumerate(state["shards"]):
         if not shard_complete(shard_path(out_dir, i, settings["prefix"]), entry["tokens"]):
             break
         done.append(entry)
-    return done, state["complete"] and len(done) == len(state["shards"])
+    return done, state["complete"] and len(done) == len(state["shards"]), True
 
 
 def save_state(out_dir, settings, shards, complete=False):
-    path = os.path.join(out_dir, STATE_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(dict(settings=settings, shards=shards, complete=complete), f, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_write_json(dict(settings=settings, shards=shards, complete=complete), os.path.join(out_dir, STATE_FILE))
 
 
 def prepare(dataset=dataset, dataset_config=dataset_config, split=split, input=input, text_field=text_field,
@@ -197,17 +237,26 @@ def prepare(dataset=dataset, dataset_config=dataset_config, split=split, input=i
     enc = get_encoding(encoding)
     if enc.n_vocab > 2**16:
         raise ValueError(f"encoding {enc.name!r} has {enc.n_vocab} tokens; uint16 shards hold at most 65536")
-    if shard_size <= 0:
-        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    for name, value, least in (("shard_size", shard_size, 1), ("num_tokens", num_tokens, 0)):
+        if isinstance(value, bool) or not float(value).is_integer() or value < least:
+            raise ValueError(f"--{name}={value}: must be a whole number >= {least} (a count of tokens)")
     shard_size, num_tokens = int(shard_size), int(num_tokens)
     os.makedirs(out_dir, exist_ok=True)
     settings = dict(source=os.path.abspath(os.path.expanduser(input)) if input else f"{dataset}/{dataset_config}/{split}",
                     text_field=text_field, txt_sample_by=txt_sample_by, shuffle_seed=shuffle_seed,
                     shuffle_buffer=shuffle_buffer, encoding=enc.name, n_vocab=enc.n_vocab,
                     shard_size=shard_size, num_tokens=num_tokens, prefix=prefix)
-    shards, complete = load_state(out_dir, settings)
+    shards, complete, had_state = load_state(out_dir, settings)
+    if not shards:  # a fresh start: shards already here must not end up next to ours
+        stray = stray_shards(out_dir, prefix, keep=0)
+        if stray and not had_state:
+            raise ValueError(f"{out_dir} holds {len(stray)} {prefix}_*.bin shard(s) but no {STATE_FILE}, so they are "
+                             f"not from this script's runs; delete them or choose another --out_dir (refusing to "
+                             f"mix them with new shards)")
+        remove_shards(stray, "of an earlier run with other settings")
     if complete:
         print(f"{out_dir}: all {len(shards)} shards already written; nothing to do")
+        remove_shards(stray_shards(out_dir, prefix, len(shards)), "beyond the end of this run (left by an earlier run)")
         return [shard_path(out_dir, i, prefix) for i in range(len(shards))]
     written = sum(s["tokens"] for s in shards)
     docs_done, carry = (shards[-1]["docs"], shards[-1]["carry"]) if shards else (0, 0)
@@ -258,6 +307,7 @@ def prepare(dataset=dataset, dataset_config=dataset_config, split=split, input=i
         if pool:
             pool.terminate()
     save_state(out_dir, settings, shards, complete=True)
+    remove_shards(stray_shards(out_dir, prefix, len(shards)), "beyond the end of this run (left by an earlier run)")
     if len(shards) < 2:
         print(f"warning: only a validation shard was written ({written:,} tokens <= shard_size={shard_size:,}); "
               f"use a smaller --shard_size to get training shards")
@@ -266,23 +316,42 @@ def prepare(dataset=dataset, dataset_config=dataset_config, split=split, input=i
 
 
 def parse_overrides(argv, defaults):
-    """--name=value overrides of the constants above (values parsed as Python literals, else strings)."""
+    """--name=value overrides of the constants at the top of a script (nanoGPT style).
+    Flags are True/False; ints and floats are parsed as numbers (--eval_tokens=1e5 is an int if
+    whole); strings are taken as written; lists are comma-separated strings. Unknown names and
+    values of the wrong type stop with a message that lists the valid choices."""
     config = dict(defaults)
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"bad argument {arg!r}: use --name=value (names: {', '.join(config)})")
-        key, value = arg[2:].split("=", 1)
+        key, text = arg[2:].split("=", 1)
         if key not in config:
-            raise SystemExit(f"unknown setting {key!r}; known: {', '.join(config)}")
-        if not isinstance(config[key], str):
+            raise SystemExit(f"unknown setting --{key}; known: {', '.join(config)}")
+        default = config[key]
+        if isinstance(default, bool):
+            if text not in ("True", "False"):
+                raise SystemExit(f"--{key}={text}: expected True or False")
+            value = text == "True"
+        elif isinstance(default, (int, float)):
             try:
-                value = literal_eval(value)
-            except (ValueError, SyntaxError):
-                raise SystemExit(f"--{key}={value}: expected a {type(config[key]).__name__}")
-            if isinstance(config[key], int) and isinstance(value, float) and value.is_integer():
-                value = int(value)  # --shard_size=1e5
+                value = float(text)
+            except ValueError:
+                raise SystemExit(f"--{key}={text}: expected a number") from None
+            if isinstance(default, int):
+                if not value.is_integer():
+                    raise SystemExit(f"--{key}={text}: expected a whole number")
+                value = int(value)
+        else:
+            value = text
         config[key] = value
     return config
+
+def atomic_write_json(obj, path):
+    """json.dump to a temp file, then rename."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
@@ -291,5 +360,5 @@ if __name__ == "__main__":
                   shard_size=shard_size, num_tokens=num_tokens, num_proc=num_proc, chunksize=chunksize)
     try:
         prepare(**parse_overrides(sys.argv[1:], CONFIG))
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, ValueError, KeyError, ConnectionError) as e:
         raise SystemExit(f"error: {e}")

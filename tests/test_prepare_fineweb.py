@@ -2,6 +2,7 @@
 atomic/resumable shards. Uses a small tiktoken Encoding built here (no download, no ../shared)."""
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -10,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import tiktoken
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+sys.path.insert(0, ROOT)
 import prepare_fineweb as pf  # noqa: E402
 import train_muon  # noqa: E402
 
@@ -46,7 +48,7 @@ def test_shard_round_trip_header_dtype_count(tmp_path):
     header = np.fromfile(path, dtype=np.int32, count=256)
     assert list(header[:3]) == [20240520, 1, 5] and not header[3:].any()
     assert os.path.getsize(path) == 256 * 4 + 5 * 2
-    loaded = train_muon.open_shard(path)  # the trainer's reader
+    loaded = train_muon.read_shard(path)  # the trainer's copy of the reader
     assert loaded.dtype == np.uint16 and loaded.tolist() == tokens.tolist()
     assert not os.path.exists(path + ".tmp")
     with pytest.raises(ValueError, match="uint16"):
@@ -59,17 +61,15 @@ def test_reader_errors_name_the_problem(tmp_path):
     with open(path, "r+b") as f:
         f.truncate(256 * 4 + 50)
     with pytest.raises(ValueError, match="header says 100 tokens.*truncated"):
-        train_muon.open_shard(path)
+        train_muon.read_shard(path)
     foreign = str(tmp_path / "foreign.bin")
     np.arange(1000, dtype=np.int32).tofile(foreign)
-    with pytest.raises(ValueError, match="not an llm.c token shard"):
-        train_muon.open_shard(foreign)
+    with pytest.raises(ValueError, match="not a token shard.*prepare_fineweb.py"):
+        train_muon.read_shard(foreign)
     with open(foreign, "wb") as f:
         f.write(b"abc")
-    with pytest.raises(ValueError, match="shorter than the 1024-byte shard header"):
-        train_muon.open_shard(foreign)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        train_muon.open_shard(str(tmp_path / "nope.bin"))
+    with pytest.raises(ValueError, match="not a token shard"):
+        train_muon.read_shard(foreign)
 
 
 def write_inputs(tmp_path, kind):
@@ -153,3 +153,63 @@ def test_shuffle_is_a_deterministic_permutation_of_the_documents(tmp_path):
     assert np.array_equal(streams[0], streams[1])
     texts = enc.decode(streams[0].tolist()).split("<|endoftext|>")[1:]
     assert sorted(texts) == sorted(docs) and texts != docs
+
+
+# -- issue 13 item 1: a rerun with other settings must not mix shards of two runs -----------------------
+
+def test_rerun_with_other_shard_size_removes_the_earlier_runs_shards(tmp_path, capsys):
+    enc = tiny_encoding()
+    pattern, _ = write_inputs(tmp_path, "txt")
+    out = str(tmp_path / "out")
+    first = pf.prepare(input=pattern, encoding=enc, out_dir=out, shard_size=20, num_proc=1)
+    second = pf.prepare(input=pattern, encoding=enc, out_dir=out, shard_size=100, num_proc=1)
+    assert len(first) > len(second) >= 2
+    assert "removing" in capsys.readouterr().out  # never silently
+    on_disk = sorted(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".bin"))
+    assert on_disk == sorted(second)  # nothing of the shard_size=20 run is left for the train glob
+    _, shards = read_all(out)
+    assert np.array_equal(np.concatenate(shards), expected_stream(enc, DOCS))
+
+
+def test_unaccounted_shards_in_out_dir_stop_a_fresh_run(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    pf.write_shard(str(out / "fineweb_train_000007.bin"), np.arange(10))
+    pattern, _ = write_inputs(tmp_path, "txt")
+    with pytest.raises(ValueError, match="no prepare_state.json.*delete them or choose another --out_dir"):
+        pf.prepare(input=pattern, encoding=tiny_encoding(), out_dir=str(out), shard_size=20, num_proc=1)
+    assert os.path.exists(out / "fineweb_train_000007.bin")
+
+
+def test_shard_size_must_be_a_whole_number(tmp_path):
+    with pytest.raises(SystemExit, match="--shard_size=1.5: expected a whole number"):
+        pf.parse_overrides(["--shard_size=1.5"], dict(shard_size=10**8))
+    assert pf.parse_overrides(["--shard_size=1e5"], dict(shard_size=10**8))["shard_size"] == 100000
+    with pytest.raises(ValueError, match="shard_size=1.5: must be a whole number"):
+        pf.prepare(input="unused", encoding=tiny_encoding(), out_dir=str(tmp_path), shard_size=1.5)
+    with pytest.raises(SystemExit, match="unknown setting --shard_sizes"):
+        pf.parse_overrides(["--shard_sizes=10"], dict(shard_size=10**8))
+
+
+# -- the first errors without network name the fix -------------------------------------------------------
+
+def test_no_network_for_tiktoken_names_TIKTOKEN_CACHE_DIR(tmp_path):
+    pattern, _ = write_inputs(tmp_path, "txt")
+    empty = tmp_path / "tiktoken_cache"
+    empty.mkdir()
+    proxy = "http://127.0.0.1:9"  # nothing listens there: the download fails at once (no DNS, no timeout)
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(empty), HTTPS_PROXY=proxy, HTTP_PROXY=proxy, https_proxy=proxy,
+               http_proxy=proxy, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "prepare_fineweb.py", f"--input={pattern}", f"--out_dir={tmp_path / 'o'}",
+                        "--num_proc=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "TIKTOKEN_CACHE_DIR" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_no_network_for_the_hub_names_input_and_the_hf_cache(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub (OfflineModeIsEnabled)")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ConnectionError, match="--input=.*HF_HOME.*HF_HUB_OFFLINE=1"):
+        pf.load_documents("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", "", "text", "document")
