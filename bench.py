@@ -701,15 +701,17 @@ def train_throughput(optimizer, data_dir, steps=40):
     import tempfile
     out = tempfile.mkdtemp(prefix=f"bench_{optimizer}_")
     cmd = [sys.executable, "train_muon.py", f"--optimizers={optimizer}", f"--data_dir={data_dir}", f"--out_dir={out}",
-           f"--max_steps={steps}", f"--eval_every={steps}", "--eval_tokens=65536", "--compile=True"]
+           f"--max_steps={steps}", f"--eval_every={steps}", "--eval_tokens=65536", "--compile=True",
+           "--save_checkpoint=False", "--warmup_steps=5"]
     proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
     if proc.returncode != 0:
         return dict(error=(proc.stdout + proc.stderr)[-800:])
     with open(os.path.join(out, "metrics.json")) as f:
         metrics = json.load(f)
-    points = [pt for run in metrics["runs"].values() for pt in run["train"] if pt["step"] >= 10]
-    return dict(tokens_per_s=statistics.median(pt["tokens_per_s"] for pt in points),
-                mfu=statistics.median(pt["mfu"] for pt in points if pt.get("mfu") is not None))
+    points = [pt for run in metrics["runs"].values() for pt in run["train"] if pt["step"] > 10]
+    mfus = [pt["mfu"] for pt in points if "mfu" in pt]
+    return dict(tokens_per_s=statistics.median(pt["tok_s"] for pt in points),
+                mfu=statistics.median(mfus) if mfus else float("nan"))
 
 
 def bench_gpu():

@@ -747,11 +747,14 @@ def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
             if not math.isfinite(loss_value):
                 stop_non_finite(f"training loss ({loss_value}) in run {label!r} at step {step}", path, last_good,
                                 metrics, cfg, master)
-            run["train"].append(dict(step=step, loss=loss_value, lr=lr_mult, tok_s=tokens_per_step / dt, time=train_time))
+            point = dict(step=step, loss=loss_value, lr=lr_mult, tok_s=tokens_per_step / dt, time=train_time)
+            mfu = model.estimate_mfu(tokens_per_step / world, dt, seq_len=T) if env["device_type"] == "cuda" else None
+            if mfu is not None:  # CUDA with a known peak: model FLOPs utilization per GPU
+                point["mfu"] = mfu
+            run["train"].append(point)
             if wb:
                 wb.log(dict(train_loss=loss_value, lr=lr_mult, tok_s=tokens_per_step / dt, time=train_time), step=step)
             if master and (step % cfg["log_every"] == 0 or step == 1):
-                mfu = model.estimate_mfu(tokens_per_step / world, dt, seq_len=T) if env["device_type"] == "cuda" else None
                 tqdm.write(f"step {step:5d} | {label:>12} | loss {loss_value:.4f} | lr x{lr_mult:.3f} | "
                            f"{tokens_per_step / dt:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
             bar.update(1)
