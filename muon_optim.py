@@ -409,9 +409,11 @@ if triton is not None:
 
 def momentum_direction(grad, momentum_buffer, momentum=0.95, nesterov=True):
     """EMA momentum, the form of KellerJordan/Muon and torch.optim.Muon: buf <- lerp(buf, g, 1-mu);
-    with Nesterov the look-ahead g.lerp(buf, mu), else buf. Mutates momentum_buffer."""
+    with Nesterov the look-ahead g.lerp(buf, mu), else buf. Mutates momentum_buffer and, with
+    Nesterov, grad: the look-ahead is written into it, as both references do, which saves a
+    fresh parameter-sized tensor per matrix and step (on a CPU, fresh memory costs page faults)."""
     momentum_buffer.lerp_(grad, 1 - momentum)
-    return grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
+    return grad.lerp_(momentum_buffer, momentum) if nesterov else momentum_buffer
 
 
 def muon_update(grad, momentum_buffer, momentum=0.95, nesterov=True, method="newton_schulz", steps=5, dtype=None):
