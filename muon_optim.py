@@ -133,10 +133,11 @@ def _odd_polynomial_iteration(G, coeffs, dtype, norm_scale, eps):
     X = _normalized(G.mT if transposed else G, dtype, norm_scale, eps)
     batch_shape = X.shape[:-2]
     X = X.reshape(-1, X.size(-2), X.size(-1))  # baddbmm wants exactly one batch dim
+    spare = torch.empty_like(X)  # X alternates between two buffers: no fresh m x n tensor per step
     for a, b, c in coeffs:
         A = sym_matmul_t(X)  # X @ X^T, symmetric
         B = sym_poly(A, b, c)  # b*A + c*A@A
-        X = torch.baddbmm(X, B, X, beta=a)
+        X, spare = torch.baddbmm(X, B, X, beta=a, out=spare), X
     X = X.reshape(*batch_shape, X.size(-2), X.size(-1))
     return X.mT if transposed else X
 
@@ -233,6 +234,7 @@ def gram_newton_schulz(G, steps=5, dtype=None, coeffs=None, restart_after=2, eps
     starts = list(range(0, len(coeffs), size))
     if len(starts) > 1 and len(coeffs) - starts[-1] < size:
         starts.pop()  # a short last block joins the previous one
+    spare = torch.empty_like(X)  # X = Q X alternates between two buffers
     for start, end in zip(starts, starts[1:] + [len(coeffs)]):
         block = coeffs[start:end]
         R = sym_matmul_t(X)
@@ -243,7 +245,7 @@ def gram_newton_schulz(G, steps=5, dtype=None, coeffs=None, restart_after=2, eps
             Q = P if Q is None else torch.bmm(P, Q)
             if i < len(block) - 1:  # the last R of a block is never used
                 R = torch.bmm(R, sym_matmul_t(P))  # R P^2, with P^2 = P P^T (symmetric kernel on CUDA)
-        X = torch.bmm(Q, X)
+        X, spare = torch.bmm(Q, X, out=spare), X
     X = X.reshape(*batch_shape, X.size(-2), X.size(-1))
     return X.mT if transposed else X
 
