@@ -60,6 +60,7 @@ lr_muon = 0.05
 momentum_muon = 0.95
 weight_decay_muon = 0.5  # Muon's decoupled weight decay: W <- W * (1 - lr_muon * weight_decay_muon)
 ns_method = "newton_schulz"  # newton_schulz | polar_express | gram_newton_schulz
+normuon = 0.0  # NorMuon's beta2 for per-neuron normalization of the Muon update (e.g. 0.95); 0.0: off
 lr_muon_aux = 1e-2  # the Muon run's AdamW lr for embeddings, head, norms and biases
 # model
 n_layer = 2
@@ -85,7 +86,7 @@ CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isin
 # run's settings. The Muon knobs are left out of an AdamW run, so the AdamW baseline is shared.
 NOT_RUN_SETTINGS = ("task", "optimizers", "seeds", "lr_adamw", "lr_muon", "tune_lrs_adamw", "tune_lrs_muon",
                     "tune_seeds", "jobs", "threads", "resume", "save_checkpoint", "out_dir", "device")
-MUON_ONLY = ("lr_muon_aux", "momentum_muon", "weight_decay_muon", "ns_method")
+MUON_ONLY = ("lr_muon_aux", "momentum_muon", "weight_decay_muon", "ns_method", "normuon")
 SOURCE_FILES = (os.path.abspath(__file__), model_tiny.__file__, muon_optim.__file__)  # the code a run executes
 TASKS = {  # name -> (answer as a function of integer tensors x, y and the modulus, op token text)
     "add": (lambda x, y, p: (x + y) % p, "+"),
@@ -248,7 +249,8 @@ def make_optimizer(opt_name, model, cfg, lr):
     hidden = [p for block in model.blocks for p in block.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if not any(p is h for h in hidden)]  # embeddings, head, gains, biases
     return Muon([dict(params=hidden, use_muon=True, lr=lr, momentum=cfg["momentum_muon"],
-                      weight_decay=cfg["weight_decay_muon"], ns_method=cfg["ns_method"]),
+                      weight_decay=cfg["weight_decay_muon"], ns_method=cfg["ns_method"],
+                      normuon=cfg["normuon"] or None),
                  dict(params=rest, use_muon=False, lr=cfg["lr_muon_aux"], betas=betas, eps=cfg["eps_adamw"],
                       weight_decay=cfg["weight_decay"])], distributed=False)
 
@@ -602,6 +604,8 @@ def main(cfg):
     if cfg["eval_every"] < 1 or cfg["max_steps"] < 1 or cfg["batch_size"] < 1:
         raise ValueError("eval_every, max_steps and batch_size must be >= 1")
     parse_betas(cfg["betas_adamw"], "betas_adamw")
+    if not 0 <= cfg["normuon"] < 1:
+        raise ValueError(f"normuon={cfg['normuon']}: NorMuon's beta2 must be in [0, 1) (0.0: off), e.g. 0.95")
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
     os.makedirs(cfg["out_dir"], exist_ok=True)
