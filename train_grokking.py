@@ -7,9 +7,9 @@ and the same batches.
     python train_grokking.py --task=all --seeds=0,1,2,3,4 --tune_seeds=100 \\
         --tune_lrs_adamw=1e-3,3e-3 --tune_lrs_muon=0.02,0.05   # fair tuning: pick LRs on seed 100, report 0-4
     python train_grokking.py --task=div --seeds=0,1,2,3,4 --tune_seeds=100,101,102 \\
-        --tune_grid_adamw="lr_adamw=1e-3,3e-3,1e-2;weight_decay=0.3,1,3" \\
-        --tune_grid_muon="lr_muon=0.05,0.1;weight_decay_muon=0.25,1;lr_muon_aux=3e-3,3e-2" \\
-        --tune_unequal_ok=True     # product grids (9 vs 8 configurations: allowed only with the opt-out)
+        --tune_grid_adamw="lr_adamw=3e-4,5e-4,1e-3,2e-3,3e-3,5e-3,1e-2,2e-2,3e-2;weight_decay=0.3,1,3" \\
+        --tune_grid_muon="lr_muon=0.025,0.05,0.1;weight_decay_muon=0.25,0.5,1;lr_muon_aux=3e-3,1e-2,3e-2"
+        # product grids, 27 configurations each (an unequal count is an error unless --tune_unequal_ok=True)
 
 A run trains until validation accuracy reaches `threshold` (it has "grokked") or `max_steps`; a run
 that never groks is reported as censored at max_steps, never dropped. Outputs in out_dir:
