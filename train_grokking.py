@@ -50,7 +50,7 @@ train_frac = 0.5  # fraction of all (x, y) pairs used for training; the rest is 
 optimizers = "adamw,muon"
 seeds = "0"  # comma list; a seed fixes the split, the initialization and the batch order
 max_steps = 3000
-batch_size = 512
+batch_size = 1024  # 512 before the speed study (results/grokking_tuning.md): Muon groks in fewer steps at 1024
 eval_every = 20  # full train + val evaluation every this many steps (the grok-step resolution)
 threshold = 0.99  # memorized: train acc >= threshold; grokked: val acc >= threshold (0.95 also recorded)
 stop_on_grok = True  # end a run at its grok step (saves compute in studies)
@@ -61,8 +61,8 @@ betas_adamw = "0.9,0.98"  # also for the Muon run's AdamW groups
 eps_adamw = 1e-8
 weight_decay = 1.0  # AdamW decoupled weight decay (also for the Muon run's AdamW groups)
 # the Muon run: Muon on the hidden matrices (attention and MLP weights), AdamW on the rest
-lr_muon = 0.05
-momentum_muon = 0.95
+lr_muon = 0.1  # with momentum 0.85 and batch 1024: chosen on tuning seeds 100-102 (results/grokking_tuning.md)
+momentum_muon = 0.85
 weight_decay_muon = 0.5  # Muon's decoupled weight decay: W <- W * (1 - lr_muon * weight_decay_muon)
 ns_method = "newton_schulz"  # newton_schulz | polar_express | gram_newton_schulz
 normuon = 0.0  # NorMuon's beta2 for per-neuron normalization of the Muon update (e.g. 0.95); 0.0: off

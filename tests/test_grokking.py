@@ -259,7 +259,7 @@ def test_edit_and_rerun_retrains(tmp_path):
     (the record's source_hash covers the trainer, the model file and muon_optim.py); unchanged -> reused."""
     for name in ("train_grokking.py", "model_tiny.py", "muon_optim.py"):
         shutil.copy(os.path.join(ROOT, name), tmp_path / name)
-    args = ["--p=5", "--task=add", "--optimizers=muon", "--max_steps=4", "--eval_every=2", "--batch_size=8",
+    args = ["--p=5", "--task=add", "--optimizers=muon", "--lr_muon=0.05", "--max_steps=4", "--eval_every=2", "--batch_size=8",
             "--d_model=16", "--n_head=2", "--d_mlp=16", "--threads=1", "--save_checkpoint=False", "--out_dir=out"]
     torch.set_num_threads(1)
     first = tg.main(tg.parse_overrides(args[:-1] + [f"--out_dir={tmp_path / 'out'}"],
