@@ -6,6 +6,10 @@ and the same batches.
     python train_grokking.py --task=all --seeds=0,1,2,3,4      # study mode: 7 tasks x 5 seeds
     python train_grokking.py --task=all --seeds=0,1,2,3,4 --tune_seeds=100 \\
         --tune_lrs_adamw=1e-3,3e-3 --tune_lrs_muon=0.02,0.05   # fair tuning: pick LRs on seed 100, report 0-4
+    python train_grokking.py --task=div --seeds=0,1,2,3,4 --tune_seeds=100,101,102 \\
+        --tune_grid_adamw="lr_adamw=3e-4,5e-4,1e-3,2e-3,3e-3,5e-3,1e-2,2e-2,3e-2;weight_decay=0.3,1,3" \\
+        --tune_grid_muon="lr_muon=0.025,0.05,0.1;weight_decay_muon=0.25,0.5,1;lr_muon_aux=3e-3,1e-2,3e-2"
+        # product grids, 27 configurations each (an unequal count is an error unless --tune_unequal_ok=True)
 
 A run trains until validation accuracy reaches `threshold` (it has "grokked") or `max_steps`; a run
 that never groks is reported as censored at max_steps, never dropped. Outputs in out_dir:
@@ -20,6 +24,7 @@ model_tiny.py and muon_optim.py); anything else is retrained. --resume=False ret
 Every constant below can be overridden as --name=value (flags: True/False, lists: comma-separated).
 """
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -45,7 +50,7 @@ train_frac = 0.5  # fraction of all (x, y) pairs used for training; the rest is 
 optimizers = "adamw,muon"
 seeds = "0"  # comma list; a seed fixes the split, the initialization and the batch order
 max_steps = 3000
-batch_size = 512
+batch_size = 1024  # 512 before the speed study (results/grokking_tuning.md): Muon groks in fewer steps at 1024
 eval_every = 20  # full train + val evaluation every this many steps (the grok-step resolution)
 threshold = 0.99  # memorized: train acc >= threshold; grokked: val acc >= threshold (0.95 also recorded)
 stop_on_grok = True  # end a run at its grok step (saves compute in studies)
@@ -56,10 +61,11 @@ betas_adamw = "0.9,0.98"  # also for the Muon run's AdamW groups
 eps_adamw = 1e-8
 weight_decay = 1.0  # AdamW decoupled weight decay (also for the Muon run's AdamW groups)
 # the Muon run: Muon on the hidden matrices (attention and MLP weights), AdamW on the rest
-lr_muon = 0.05
-momentum_muon = 0.95
+lr_muon = 0.1  # with momentum 0.85 and batch 1024: chosen on tuning seeds 100-102 (results/grokking_tuning.md)
+momentum_muon = 0.85
 weight_decay_muon = 0.5  # Muon's decoupled weight decay: W <- W * (1 - lr_muon * weight_decay_muon)
 ns_method = "newton_schulz"  # newton_schulz | polar_express | gram_newton_schulz
+normuon = 0.0  # NorMuon's beta2 for per-neuron normalization of the Muon update (e.g. 0.95); 0.0: off
 lr_muon_aux = 1e-2  # the Muon run's AdamW lr for embeddings, head, norms and biases
 # model
 n_layer = 2
@@ -67,10 +73,16 @@ d_model = 128
 n_head = 4
 d_mlp = 512
 prenorm = False
-# fair tuning
-tune_lrs_adamw = ""  # comma list of lr_adamw values tried on tune_seeds ...
-tune_lrs_muon = ""  # ... and of lr_muon values; the best (lowest mean grok step) is used on `seeds`
+# fair tuning: per task, every configuration of an optimizer's grid runs on tune_seeds; the best
+# (lowest mean grok step, censored at max_steps; ties: higher mean final val acc, then grid order)
+# is used on `seeds`. A grid is "name=v1,v2;name=v1,v2,v3": the product of the lists, over
+# constants that change that optimizer's run. Both optimizers must get as many configurations.
+tune_grid_adamw = ""  # e.g. "lr_adamw=1e-3,3e-3,1e-2;weight_decay=0.3,1,3"
+tune_grid_muon = ""  # e.g. "lr_muon=0.05,0.1,0.2;weight_decay_muon=0.25,0.5,1"
+tune_lrs_adamw = ""  # shorthand for tune_grid_adamw="lr_adamw=<this list>" ...
+tune_lrs_muon = ""  # ... and tune_grid_muon="lr_muon=<this list>"
 tune_seeds = ""  # must be disjoint from `seeds`
+tune_unequal_ok = False  # allow different configuration counts per optimizer (then not a like-for-like budget)
 # system
 jobs = 1  # runs in parallel processes (each with 1 thread); 1: in this process, live tqdm per run
 threads = 0  # torch threads for jobs=1; 0: all cores
@@ -83,9 +95,13 @@ CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isin
 # settings that choose which runs a study holds, or where / how fast they run, not what a run computes
 # (device, threads and jobs change results only at float rounding); every other constant is part of a
 # run's settings. The Muon knobs are left out of an AdamW run, so the AdamW baseline is shared.
-NOT_RUN_SETTINGS = ("task", "optimizers", "seeds", "lr_adamw", "lr_muon", "tune_lrs_adamw", "tune_lrs_muon",
-                    "tune_seeds", "jobs", "threads", "resume", "save_checkpoint", "out_dir", "device")
-MUON_ONLY = ("lr_muon_aux", "momentum_muon", "weight_decay_muon", "ns_method")
+NOT_RUN_SETTINGS = ("task", "optimizers", "seeds", "lr_adamw", "lr_muon", "tune_grid_adamw", "tune_grid_muon",
+                    "tune_lrs_adamw", "tune_lrs_muon", "tune_seeds", "tune_unequal_ok", "jobs", "threads", "resume",
+                    "save_checkpoint", "out_dir", "device")
+LR_KEY = {"adamw": "lr_adamw", "muon": "lr_muon"}  # the constant that is a run's `lr`
+# run settings that define the task or the measurement (or hold a comma): never a tuning-grid axis
+NOT_TUNABLE = ("p", "train_frac", "max_steps", "eval_every", "threshold", "stop_on_grok", "betas_adamw")
+MUON_ONLY = ("lr_muon_aux", "momentum_muon", "weight_decay_muon", "ns_method", "normuon")
 SOURCE_FILES = (os.path.abspath(__file__), model_tiny.__file__, muon_optim.__file__)  # the code a run executes
 TASKS = {  # name -> (answer as a function of integer tensors x, y and the modulus, op token text)
     "add": (lambda x, y, p: (x + y) % p, "+"),
@@ -248,7 +264,8 @@ def make_optimizer(opt_name, model, cfg, lr):
     hidden = [p for block in model.blocks for p in block.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if not any(p is h for h in hidden)]  # embeddings, head, gains, biases
     return Muon([dict(params=hidden, use_muon=True, lr=lr, momentum=cfg["momentum_muon"],
-                      weight_decay=cfg["weight_decay_muon"], ns_method=cfg["ns_method"]),
+                      weight_decay=cfg["weight_decay_muon"], ns_method=cfg["ns_method"],
+                      normuon=cfg["normuon"] or None),
                  dict(params=rest, use_muon=False, lr=cfg["lr_muon_aux"], betas=betas, eps=cfg["eps_adamw"],
                       weight_decay=cfg["weight_decay"])], distributed=False)
 
@@ -263,8 +280,10 @@ def evaluate(model, X, Y, masks, chunk=4096):
     return stats.tolist()  # the one host sync per evaluation
 
 
-def run_name(task_name, opt_name, lr, seed):
-    return f"{task_name}_{opt_name}_lr{lr:g}_seed{seed}"
+def run_name(task_name, opt_name, lr, seed, extra=()):
+    """<task>_<optimizer>_lr<lr>[_<name><value> for each tuned setting besides the LR]_seed<seed>."""
+    tail = "".join(f"_{k}{v:g}" if isinstance(v, float) else f"_{k}{v}" for k, v in extra)
+    return f"{task_name}_{opt_name}_lr{lr:g}{tail}_seed{seed}"
 
 
 def run_settings(cfg, task_name, opt_name, lr, seed):
@@ -282,9 +301,10 @@ def resolve_device(name):
     return name
 
 
-def train_run(cfg, task_name, opt_name, lr, seed, phase="eval", show_bar=True):
+def train_run(cfg, task_name, opt_name, lr, seed, phase="eval", show_bar=True, extra=()):
     """Train one model; returns the run's record (with its curves), also written to runs/<name>.json.
-    Ctrl-C saves a checkpoint and re-raises."""
+    extra: ((name, value), ...) settings besides the LR that a tuning grid set (already in cfg; they
+    go into the run's name and record). Ctrl-C saves a checkpoint and re-raises."""
     dev = resolve_device(cfg["device"])
     X, Y = make_dataset(task_name, cfg["p"])
     train_idx, val_idx = split_indices(len(X), cfg["train_frac"], seed)
@@ -297,7 +317,7 @@ def train_run(cfg, task_name, opt_name, lr, seed, phase="eval", show_bar=True):
     opt = make_optimizer(opt_name, model, cfg, lr)
     base_lrs = [g["lr"] for g in opt.param_groups]
     batches = batch_sequence(len(train_idx), cfg["batch_size"], seed)
-    name, settings = run_name(task_name, opt_name, lr, seed), run_settings(cfg, task_name, opt_name, lr, seed)
+    name, settings = run_name(task_name, opt_name, lr, seed, extra), run_settings(cfg, task_name, opt_name, lr, seed)
     curve = dict(step=[], train_loss=[], train_acc=[], val_loss=[], val_acc=[])
     marks = dict(memorize_step=None, grok_step=None, grok_step_95=None)
     step, t0 = 0, time.perf_counter()
@@ -335,7 +355,7 @@ def train_run(cfg, task_name, opt_name, lr, seed, phase="eval", show_bar=True):
                              step=step, model_config=vars(model_config(cfg)), settings=settings,
                              source_hash=SOURCE_HASH), os.path.join(cfg["out_dir"], "ckpt", name + ".pt"))
     record = dict(name=name, task=task_name, p=cfg["p"], train_frac=cfg["train_frac"], optimizer=opt_name, lr=lr,
-                  seed=seed, phase=phase, **marks, censored=marks["grok_step"] is None, steps_run=step,
+                  hparams={LR_KEY[opt_name]: lr, **dict(extra)}, seed=seed, phase=phase, **marks, censored=marks["grok_step"] is None, steps_run=step,
                   max_steps=cfg["max_steps"], final_train_loss=curve["train_loss"][-1],
                   final_train_acc=curve["train_acc"][-1], final_val_loss=curve["val_loss"][-1],
                   final_val_acc=curve["val_acc"][-1], wall_s=round(wall_s, 2), n_params=model.num_params(),
@@ -346,10 +366,16 @@ def train_run(cfg, task_name, opt_name, lr, seed, phase="eval", show_bar=True):
     return record
 
 
+def spec_cfg(cfg, spec):
+    """The config of one run spec (task, optimizer, lr, seed, phase, extra): cfg with the extra settings."""
+    return dict(cfg, **dict(spec[5])) if len(spec) > 5 else cfg
+
+
 def cached_run(cfg, spec, phase=None):
     """(record, why): the finished run of this spec in out_dir/runs if its settings and source_hash
     match the current ones (then why is None); else None and the reason it cannot be reused."""
-    path = os.path.join(cfg["out_dir"], "runs", run_name(*spec[:4]) + ".json")
+    extra = spec[5] if len(spec) > 5 else ()
+    path = os.path.join(cfg["out_dir"], "runs", run_name(*spec[:4], extra) + ".json")
     if not ((cfg["resume"] or phase) and os.path.exists(path)):
         return None, None
     try:
@@ -357,7 +383,7 @@ def cached_run(cfg, spec, phase=None):
             record = json.load(f)
     except ValueError:
         return None, "unreadable"
-    if record.get("settings") != run_settings(cfg, *spec[:4]):
+    if record.get("settings") != run_settings(spec_cfg(cfg, spec), *spec[:4]):
         return None, "settings changed"
     if record.get("source_hash") != SOURCE_HASH:
         return None, "code changed"
@@ -368,11 +394,11 @@ def cached_run(cfg, spec, phase=None):
 def _worker(args):
     cfg, spec = args
     torch.set_num_threads(1)  # parallel jobs share the cores; more threads per job only contend
-    return train_run(cfg, *spec, show_bar=False)
+    return train_run(spec_cfg(cfg, spec), *spec[:5], show_bar=False, extra=spec[5] if len(spec) > 5 else ())
 
 
 def run_many(cfg, specs, desc, pool=None):
-    """Run (task, optimizer, lr, seed, phase) specs, reusing cached ones; returns records in spec order.
+    """Run (task, optimizer, lr, seed, phase[, extra]) specs, reusing cached ones; returns records in spec order.
     With a process pool the runs go in parallel and one bar counts finished runs."""
     cached = [cached_run(cfg, s) for s in specs]
     results = {i: r for i, (r, _) in enumerate(cached) if r is not None}
@@ -383,7 +409,8 @@ def run_many(cfg, specs, desc, pool=None):
               + (f"; retraining {len(stale)} ({', '.join(sorted(set(stale)))})" if stale else ""))
     if pool is None:
         for i in todo:
-            results[i] = train_run(cfg, *specs[i])
+            s = specs[i]
+            results[i] = train_run(spec_cfg(cfg, s), *s[:5], extra=s[5] if len(s) > 5 else ())
     elif todo:
         it = pool.imap(_worker, [(cfg, specs[i]) for i in todo])
         for i, rec in zip(todo, tqdm(it, total=len(todo), desc=desc, dynamic_ncols=True)):
@@ -443,7 +470,7 @@ def summarize(records, task_names, opt_names):
                 continue
             text, med = fmt_median(rs)
             row[o] = dict(grokked=sum(r["grok_step"] is not None for r in rs), n=len(rs), median=med,
-                          median_text=text, lr=rs[0]["lr"], steps=steps_or_max(rs),
+                          median_text=text, lr=rs[0]["lr"], hparams=rs[0].get("hparams"), steps=steps_or_max(rs),
                           memorize_median=statistics.median([r["memorize_step"] if r["memorize_step"] is not None
                                                              else r["max_steps"] for r in rs]))
         for o in opt_names[1:]:
@@ -591,17 +618,19 @@ def main(cfg):
             raise ValueError(f"unknown optimizer {o!r} in --optimizers; choose from adamw,muon")
     seed_list = parse_list(cfg["seeds"], int, "seeds")
     tune_seed_list = parse_list(cfg["tune_seeds"], int, "tune_seeds")
-    tune_lrs = {o: parse_list(cfg[f"tune_lrs_{o}"], float, f"tune_lrs_{o}") for o in opt_names}
     if not opt_names or not seed_list:
         raise ValueError("need at least one optimizer (--optimizers=adamw,muon) and one seed (--seeds=0)")
-    if any(tune_lrs.values()) and not tune_seed_list:
-        raise ValueError("tuning LR lists given but no --tune_seeds; give seeds disjoint from --seeds, e.g. --tune_seeds=100")
+    grids = tuning_grids(cfg, opt_names)
+    if any(grids.values()) and not tune_seed_list:
+        raise ValueError("tuning grids given but no --tune_seeds; give seeds disjoint from --seeds, e.g. --tune_seeds=100")
     if set(tune_seed_list) & set(seed_list):
         raise ValueError(f"--tune_seeds {sorted(set(tune_seed_list) & set(seed_list))} overlap --seeds: tuning "
                          "and reporting on the same seeds is not a fair comparison; use disjoint sets")
     if cfg["eval_every"] < 1 or cfg["max_steps"] < 1 or cfg["batch_size"] < 1:
         raise ValueError("eval_every, max_steps and batch_size must be >= 1")
     parse_betas(cfg["betas_adamw"], "betas_adamw")
+    if not 0 <= cfg["normuon"] < 1:
+        raise ValueError(f"normuon={cfg['normuon']}: NorMuon's beta2 must be in [0, 1) (0.0: off), e.g. 0.95")
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
     os.makedirs(cfg["out_dir"], exist_ok=True)
@@ -612,21 +641,28 @@ def main(cfg):
     print(f"model: {cfg['n_layer']} layers, d_model {cfg['d_model']}, {n_params:,} parameters")
 
     records, tuned = [], {}
-    default_lr = {"adamw": cfg["lr_adamw"], "muon": cfg["lr_muon"]}
-    grid = {o: tune_lrs[o] or [default_lr[o]] for o in opt_names}
-    tuning = bool(tune_seed_list and any(tune_lrs.values()))
+    configs = {o: grid_configs(grids[o]) for o in opt_names}
+    tuning = bool(tune_seed_list and any(grids.values()))
+    if tuning:
+        print("fair tuning on seeds " + str(tune_seed_list) + ": " + "; ".join(
+            f"{o} {len(configs[o])} configuration(s)" + (f" ({' x '.join(f'{k} {len(v)}' for k, v in grids[o].items())})"
+                                                         if grids[o] else " (its defaults)") for o in opt_names))
     all_specs = []
     pool = mp.get_context("spawn").Pool(cfg["jobs"]) if cfg["jobs"] > 1 else None
     try:
         for t in task_names:  # task by task, so that an interrupted study still has complete tasks
-            if tuning:  # fair tuning: choose each optimizer's LR on tune_seeds only
-                specs = [(t, o, lr, s, "tune") for o in opt_names for lr in grid[o] for s in tune_seed_list]
+            if tuning:  # fair tuning: choose each optimizer's settings on tune_seeds only
+                owner = [(o, i, s) for o in opt_names for i in range(len(configs[o])) for s in tune_seed_list]
+                specs = [config_spec(cfg, t, o, configs[o][i], s, "tune") for o, i, s in owner]
                 all_specs += specs
                 tune_records = run_many(cfg, specs, f"tuning {t}", pool)
                 records += tune_records
                 for o in opt_names:
-                    tuned[(t, o)] = pick_lr(tune_records, t, o, grid[o], tune_seed_list)
-            specs = [(t, o, tuned.get((t, o), default_lr[o]), s, "eval") for s in seed_list for o in opt_names]
+                    per_config = [[r for (oo, ii, _), r in zip(owner, tune_records) if (oo, ii) == (o, i)]
+                                  for i in range(len(configs[o]))]
+                    tuned[(t, o)] = pick_config(per_config, t, o, configs[o], grids[o], tune_seed_list)
+            specs = [config_spec(cfg, t, o, tuned[(t, o)]["values"] if (t, o) in tuned else {}, s, "eval")
+                     for s in seed_list for o in opt_names]
             all_specs += specs
             records += run_many(cfg, specs, f"runs {t}", pool)
     except KeyboardInterrupt:
@@ -642,18 +678,107 @@ def main(cfg):
     return write_results(cfg, records, task_names, opt_names, tuned)
 
 
-def pick_lr(tune_records, t, o, lrs, tune_seed_list):
-    """Fair tuning: the LR with the lowest mean grok step on the tuning seeds (censored at
-    max_steps); ties (e.g. all censored) go to the higher mean final val acc, then the lower LR."""
-    scores = {}
-    for lr in lrs:
-        rs = [r for r in tune_records if r["optimizer"] == o and r["lr"] == lr]
-        scores[lr] = (statistics.mean(steps_or_max(rs)), -statistics.mean(r["final_val_acc"] for r in rs))
-    best = min(scores, key=lambda lr: (scores[lr], lr))
-    print(f"tuning {t:<8} {o:<6} on seeds {tune_seed_list} (mean grok step, censored at max_steps; "
-          "final val acc): " + "  ".join(f"lr {lr:g}: {s:g} ({-a:.3f})" for lr, (s, a) in scores.items())
-          + f"  -> {best:g}")
-    return best
+# -----------------------------------------------------------------------------
+# fair tuning: grids
+
+def parse_grid(text, opt_name, defaults):
+    """'name=v1,v2;name=v1' -> {name: [values]} (in the order written, typed like the constant).
+    A name must be a constant that changes this optimizer's run and is not one that defines the
+    task or the measurement (NOT_TUNABLE); the LR is lr_adamw for adamw and lr_muon for muon."""
+    flag = f"tune_grid_{opt_name}"
+    allowed = [k for k in defaults if (k not in NOT_RUN_SETTINGS or k == LR_KEY[opt_name]) and k not in NOT_TUNABLE
+               and not (opt_name == "adamw" and k in MUON_ONLY)]
+    grid = {}
+    for part in (q.strip() for q in str(text).split(";")):
+        if not part:
+            continue
+        if "=" not in part:
+            raise ValueError(f"--{flag}: {part!r} is not name=v1,v2,...; e.g. --{flag}=\"{LR_KEY[opt_name]}=1e-3,3e-3\"")
+        name, values = (x.strip() for x in part.split("=", 1))
+        if name not in allowed:
+            why = ("it defines the task or the measurement, or holds a comma" if name in NOT_TUNABLE else
+                   f"it does not change a {opt_name} run" if name in defaults else "no such setting")
+            raise ValueError(f"--{flag}: cannot tune {name!r} ({why}); tunable for {opt_name}: {', '.join(allowed)}")
+        if name in grid:
+            raise ValueError(f"--{flag}: {name} appears twice; give one list per setting")
+        try:
+            vals = [parse_overrides([f"--{name}={v.strip()}"], defaults)[name] for v in values.split(",") if v.strip()]
+        except SystemExit as e:
+            raise ValueError(f"--{flag}: {e}") from None
+        if not vals or len(set(vals)) != len(vals):
+            raise ValueError(f"--{flag}: {name}={values!r} needs one or more distinct values")
+        grid[name] = vals
+    return grid
+
+
+def tuning_grids(cfg, opt_names):
+    """{optimizer: grid} from tune_grid_<opt> (or its shorthand tune_lrs_<opt>); an optimizer without
+    a grid runs its defaults. Every optimizer must get as many configurations (the same tuning
+    budget), unless tune_unequal_ok."""
+    defaults = {k: cfg[k] for k in CONFIG_KEYS if k in cfg}
+    grids = {}
+    for o in opt_names:
+        if cfg[f"tune_grid_{o}"] and cfg[f"tune_lrs_{o}"]:
+            raise ValueError(f"give --tune_grid_{o} or its shorthand --tune_lrs_{o}, not both "
+                             f"(put the LRs in the grid: {LR_KEY[o]}=...)")
+        text = cfg[f"tune_grid_{o}"] or (f"{LR_KEY[o]}={cfg[f'tune_lrs_{o}']}" if cfg[f"tune_lrs_{o}"] else "")
+        grids[o] = parse_grid(text, o, defaults)
+    counts = {o: math.prod(len(v) for v in grids[o].values()) for o in opt_names}
+    if any(grids.values()) and len(set(counts.values())) > 1 and not cfg["tune_unequal_ok"]:
+        sizes = "; ".join(f"{o} {counts[o]}" + (f" ({' x '.join(str(len(v)) for v in grids[o].values())})"
+                                                if grids[o] else " (no grid: its defaults)") for o in opt_names)
+        raise ValueError(f"unequal tuning budgets: {sizes} configurations; a fair comparison tries as many per "
+                         "optimizer (e.g. adamw lr 4 x wd 2 = 8 and muon lr 2 x wd 2 x aux lr 2 = 8); change the "
+                         "grids, or pass --tune_unequal_ok=True to run anyway")
+    return grids
+
+
+def grid_configs(grid):
+    """The product of a grid's lists as dicts, first axis slowest; [{}] for an empty grid."""
+    return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+
+
+def config_spec(cfg, t, o, values, seed, phase):
+    """The run spec of one configuration: (task, optimizer, lr, seed, phase, extra settings)."""
+    lr = values.get(LR_KEY[o], cfg[LR_KEY[o]])
+    return (t, o, lr, seed, phase, tuple((k, v) for k, v in values.items() if k != LR_KEY[o]))
+
+
+def grid_edges(values, grid):
+    """The tuned numeric settings whose winning value is the lowest or highest of its list (of 2+):
+    the optimum may lie outside the grid."""
+    edges = []
+    for k, vals in grid.items():
+        if len(vals) < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            continue
+        if values[k] in (min(vals), max(vals)):
+            edges.append(dict(name=k, value=values[k], side="low" if values[k] == min(vals) else "high",
+                              grid=vals))
+    return edges
+
+
+def pick_config(per_config, t, o, configs, grid, tune_seed_list):
+    """Fair tuning: the configuration with the lowest mean grok step on the tuning seeds (censored
+    at max_steps); ties (e.g. all censored) go to the higher mean final val acc, then the first in
+    grid order. per_config[i]: the tuning records of configs[i]. Returns the winner's values, the
+    settings at the edge of their list, and every configuration's score."""
+    scores = []
+    for c, rs in zip(configs, per_config):
+        steps = steps_or_max(rs)
+        scores.append(dict(values=c, steps=steps, mean_grok_step=statistics.mean(steps),
+                           mean_final_val_acc=statistics.mean(r["final_val_acc"] for r in rs)))
+    best = min(range(len(configs)), key=lambda i: (scores[i]["mean_grok_step"], -scores[i]["mean_final_val_acc"], i))
+    values = configs[best]
+    edges = grid_edges(values, grid)
+    print(f"tuning {t:<8} {o:<6} on seeds {tune_seed_list} (mean grok step, censored at max_steps; final val acc):")
+    for i, sc in enumerate(scores):
+        desc = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sc["values"].items())
+        print(f"  {'->' if i == best else '  '} {desc or 'defaults'}: {sc['mean_grok_step']:g} "
+              f"({sc['mean_final_val_acc']:.3f}) steps {sc['steps']}")
+    for e in edges:
+        print(f"  at the edge: extend the grid ({t}/{o}: {e['name']}={e['value']:g} is the {'lowest' if e['side'] == 'low' else 'highest'} "
+              f"of {','.join(f'{v:g}' for v in e['grid'])})")
+    return dict(values=values, at_edge=edges, n_configs=len(configs), tune_seeds=tune_seed_list, scores=scores)
 
 
 def write_results(cfg, records, task_names, opt_names, tuned, interrupted=False):
@@ -664,8 +789,15 @@ def write_results(cfg, records, task_names, opt_names, tuned, interrupted=False)
     study = len(task_names) > 1 or len({r["seed"] for r in eval_records}) > 1
     if study and eval_records:
         print_study_table(summary, opt_names)
+    for (t, o), w in tuned.items():
+        desc = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in w["values"].items())
+        edge = "; at the edge: extend the grid (" + ", ".join(e["name"] for e in w["at_edge"]) + ")" if w["at_edge"] else ""
+        print(f"tuned {t}/{o} ({w['n_configs']} configuration(s), seeds {w['tune_seeds']}): {desc or 'defaults'}{edge}")
     out = dict(config=cfg, source_hash=SOURCE_HASH, interrupted=interrupted,
-               tuned_lr={f"{t}/{o}": lr for (t, o), lr in tuned.items()}, summary=summary,
+               tuned_lr={f"{t}/{o}": w["values"].get(LR_KEY[o], cfg[LR_KEY[o]]) for (t, o), w in tuned.items()},
+               tuned={f"{t}/{o}": w for (t, o), w in tuned.items()},
+               tuning_edges=[dict(task=t, optimizer=o, **e) for (t, o), w in tuned.items() for e in w["at_edge"]],
+               summary=summary,
                runs=[{k: v for k, v in r.items() if k != "curve"} for r in records])
     path = os.path.join(cfg["out_dir"], "results.json")
     atomic_write_json(out, path)

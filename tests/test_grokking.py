@@ -259,7 +259,7 @@ def test_edit_and_rerun_retrains(tmp_path):
     (the record's source_hash covers the trainer, the model file and muon_optim.py); unchanged -> reused."""
     for name in ("train_grokking.py", "model_tiny.py", "muon_optim.py"):
         shutil.copy(os.path.join(ROOT, name), tmp_path / name)
-    args = ["--p=5", "--task=add", "--optimizers=muon", "--max_steps=4", "--eval_every=2", "--batch_size=8",
+    args = ["--p=5", "--task=add", "--optimizers=muon", "--lr_muon=0.05", "--max_steps=4", "--eval_every=2", "--batch_size=8",
             "--d_model=16", "--n_head=2", "--d_mlp=16", "--threads=1", "--save_checkpoint=False", "--out_dir=out"]
     torch.set_num_threads(1)
     first = tg.main(tg.parse_overrides(args[:-1] + [f"--out_dir={tmp_path / 'out'}"],
@@ -279,3 +279,98 @@ def test_edit_and_rerun_retrains(tmp_path):
     out, edited = rerun()
     assert "retraining 1 (code changed)" in out
     assert edited["source_hash"] != first["source_hash"] and edited["settings"] == first["settings"]
+
+
+def defaults():
+    return {k: getattr(tg, k) for k in tg.CONFIG_KEYS}
+
+
+def test_tune_grid_parsing_and_clear_errors():
+    grid = tg.parse_grid("lr_muon=0.05,0.1; weight_decay_muon=0.25,0.5,1;ns_method=newton_schulz,polar_express;"
+                         "batch_size=256,512", "muon", defaults())
+    assert grid == {"lr_muon": [0.05, 0.1], "weight_decay_muon": [0.25, 0.5, 1.0],
+                    "ns_method": ["newton_schulz", "polar_express"], "batch_size": [256, 512]}
+    assert isinstance(grid["batch_size"][0], int) and isinstance(grid["weight_decay_muon"][2], float)
+    assert len(tg.grid_configs(grid)) == 24 and tg.grid_configs({}) == [{}]
+    assert tg.grid_configs({"a": [1, 2], "b": [3]}) == [{"a": 1, "b": 3}, {"a": 2, "b": 3}]
+    for text, match in [("lr_adamw=1e-3;momentum_muon=0.9", "cannot tune 'momentum_muon' \\(it does not change a adamw run"),
+                        ("lr_muon=0.05", "cannot tune 'lr_muon' \\(it does not change a adamw run"),
+                        ("lr=1e-3", "cannot tune 'lr' \\(no such setting\\); tunable for adamw: .*lr_adamw"),
+                        ("max_steps=100,200", "cannot tune 'max_steps' \\(it defines the task or the measurement"),
+                        ("seeds=1,2", "cannot tune 'seeds'"),
+                        ("lr_adamw", "is not name=v1,v2"),
+                        ("lr_adamw=1e-3;lr_adamw=3e-3", "appears twice"),
+                        ("lr_adamw=1e-3,1e-3", "distinct values"),
+                        ("lr_adamw=", "distinct values"),
+                        ("lr_adamw=fast", "expected a number"),
+                        ("batch_size=256.5", "expected a whole number")]:
+        with pytest.raises(ValueError, match=match):
+            tg.parse_grid(text, "adamw", defaults())
+
+
+def test_tune_budgets_must_be_equal_and_seeds_disjoint(tmp_path):
+    cfg = dict(defaults(), tune_grid_adamw="lr_adamw=1e-3,3e-3,1e-2;weight_decay=0.3,1,3",
+               tune_grid_muon="lr_muon=0.05,0.1;weight_decay_muon=0.25,1;lr_muon_aux=3e-3,3e-2")
+    with pytest.raises(ValueError, match=r"unequal tuning budgets: adamw 9 \(3 x 3\); muon 8 \(2 x 2 x 2\) "
+                                         r"configurations.*--tune_unequal_ok=True"):
+        tg.tuning_grids(cfg, ["adamw", "muon"])
+    assert len(tg.tuning_grids(dict(cfg, tune_unequal_ok=True), ["adamw", "muon"])["adamw"]) == 2
+    assert tg.tuning_grids(cfg, ["muon"])["muon"]["lr_muon"] == [0.05, 0.1]  # one optimizer: nothing to compare
+    with pytest.raises(ValueError, match=r"adamw 1 \(no grid: its defaults\); muon 2"):
+        tg.tuning_grids(dict(defaults(), tune_lrs_muon="0.05,0.1"), ["adamw", "muon"])
+    with pytest.raises(ValueError, match="not both"):
+        tg.tuning_grids(dict(cfg, tune_lrs_adamw="1e-3"), ["adamw", "muon"])
+    # the old LR-list flags are a shorthand for a one-axis grid
+    old = tg.tuning_grids(dict(defaults(), tune_lrs_adamw="1e-3,3e-3", tune_lrs_muon="0.05,0.1"), ["adamw", "muon"])
+    assert old == {"adamw": {"lr_adamw": [1e-3, 3e-3]}, "muon": {"lr_muon": [0.05, 0.1]}}
+    ok = dict(cfg, tune_grid_adamw="lr_adamw=1e-3,3e-3,1e-2,3e-2;weight_decay=0.3,1", out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"--tune_seeds \[2\] overlap --seeds"):
+        tg.main(dict(ok, seeds="0,1,2", tune_seeds="2,3"))
+    with pytest.raises(ValueError, match="tuning grids given but no --tune_seeds"):
+        tg.main(dict(ok, seeds="0"))
+
+
+def test_pick_config_mean_grok_step_ties_and_edge_flags():
+    def rec(step, acc=1.0):
+        return dict(grok_step=step, max_steps=400, final_val_acc=acc)
+    grid = {"lr_muon": [0.05, 0.1, 0.2], "ns_method": ["newton_schulz", "polar_express"]}
+    configs = tg.grid_configs(grid)
+    per = [[rec(300), rec(None)], [rec(200), rec(220)], [rec(140), rec(180)],  # product order: lr 0.05 ns, pe,
+           [rec(150), rec(200)], [rec(None, 0.5), rec(None, 0.6)], [rec(None, 0.5), rec(None, 0.7)]]  # 0.1 ns, ...
+    w = tg.pick_config(per, "div", "muon", configs, grid, [100, 101])
+    assert w["values"] == {"lr_muon": 0.1, "ns_method": "newton_schulz"}  # mean 160 beats 175
+    assert w["at_edge"] == [] and w["scores"][0]["steps"] == [300, 400]  # censored counted at max_steps
+    per[3] = [rec(140), rec(180)]  # a tie at 160: the first in grid order (0.1 newton_schulz) wins
+    assert tg.pick_config(per, "div", "muon", configs, grid, [100, 101])["values"]["ns_method"] == "newton_schulz"
+    per = [[rec(None, 0.1)]] * 4 + [[rec(None, 0.3)], [rec(None, 0.2)]]  # all censored: best final val acc
+    w = tg.pick_config(per, "div", "muon", configs, grid, [100])
+    assert w["values"] == {"lr_muon": 0.2, "ns_method": "newton_schulz"}
+    assert w["at_edge"] == [dict(name="lr_muon", value=0.2, side="high", grid=[0.05, 0.1, 0.2])]  # strings: no order
+    assert tg.grid_edges({"x": 1.0}, {"x": [1.0]}) == []  # a single value is not tuned, not an edge
+
+
+def test_grid_tuning_end_to_end(tmp_path, capsys):
+    """p=11: both optimizers tuned over 2-setting grids (2 configurations each) on seed 100, reported
+    on seed 0 with each winner's values; names carry the tuned values; a rerun reuses every run."""
+    torch.set_num_threads(1)
+    args = ["--seeds=0", "--tune_seeds=100", "--max_steps=20", "--save_checkpoint=False",
+            "--tune_grid_adamw=lr_adamw=1e-3,1e-2;weight_decay=0.3", "--tune_grid_muon=lr_muon=0.05;lr_muon_aux=3e-3,3e-2"]
+    out = tg.main(tiny(tmp_path, *args))
+    tune = [r for r in out["runs"] if r["phase"] == "tune"]
+    evals = {r["optimizer"]: r for r in out["runs"] if r["phase"] == "eval"}
+    assert len(tune) == 4 and {r["seed"] for r in tune} == {100} and {r["seed"] for r in evals.values()} == {0}
+    assert len({r["name"] for r in out["runs"]}) == 6 and "add_muon_lr0.05_lr_muon_aux0.003_seed100" in {r["name"] for r in tune}
+    for o, lr_key in (("adamw", "lr_adamw"), ("muon", "lr_muon")):
+        won = out["tuned"][f"add/{o}"]["values"]
+        assert evals[o]["hparams"] == won and evals[o]["lr"] == won[lr_key] == out["tuned_lr"][f"add/{o}"]
+        assert all(evals[o]["settings"][k] == v for k, v in won.items() if k != lr_key)
+        assert out["tuned"][f"add/{o}"]["n_configs"] == 2 and len(out["tuned"][f"add/{o}"]["scores"]) == 2
+    assert evals["adamw"]["settings"]["weight_decay"] == 0.3
+    assert {(e["optimizer"], e["name"]) for e in out["tuning_edges"]} == {("adamw", "lr_adamw"), ("muon", "lr_muon_aux")}
+    text = capsys.readouterr().out
+    assert "at the edge: extend the grid (add/adamw: lr_adamw=" in text and "tuned add/muon (2 configuration(s)" in text
+    with open(tmp_path / "results.json") as f:
+        assert json.load(f)["tuning_edges"] == out["tuning_edges"]
+    again = tg.main(tiny(tmp_path, *args))
+    assert [r["wall_s"] for r in again["runs"]] == [r["wall_s"] for r in out["runs"]]
+    assert "tuning add: reusing 4 finished run(s)" in capsys.readouterr().out
