@@ -123,23 +123,39 @@ def _normalized(G, dtype, scale, eps):
     return torch.mul(X, 1.0 / (norm * scale + eps), out=out)  # scale and cast in one pass
 
 
+def _wide(G, dtype, norm_scale, eps):
+    """G normalized (_normalized) as a (B, m, n) batch in its wide orientation (m <= n), and whether
+    that took a transpose. A tall G is normalized in its own memory layout and only viewed
+    transposed: matmuls read either layout at full speed, a transposing copy would be a strided
+    pass over the whole matrix."""
+    transposed = G.size(-2) > G.size(-1)
+    X = _normalized(G, dtype, norm_scale, eps)
+    X = X.reshape(-1, X.size(-2), X.size(-1))  # (baddbmm wants exactly one batch dim)
+    return (X.mT if transposed else X), transposed
+
+
+def _unwide(X, G, transposed):
+    """Back from _wide's (B, m, n) batch to G's shape and orientation (a view where possible)."""
+    X = X.mT if transposed else X
+    return X.reshape(G.shape)
+
+
 def _odd_polynomial_iteration(G, coeffs, dtype, norm_scale, eps):
     """X <- a X + (b A + c A^2) X with A = X X^T, one (a, b, c) per step. Works on the wide
     orientation (m <= n) so that A is the small m x m Gram matrix."""
     if G.ndim < 2:
         raise ValueError(f"orthogonalization needs a (..., m, n) tensor, got shape {tuple(G.shape)}")
     dtype = dtype or default_ns_dtype(G.device, G.shape)
-    transposed = G.size(-2) > G.size(-1)
-    X = _normalized(G.mT if transposed else G, dtype, norm_scale, eps)
-    batch_shape = X.shape[:-2]
-    X = X.reshape(-1, X.size(-2), X.size(-1))  # baddbmm wants exactly one batch dim
-    spare = torch.empty_like(X)  # X alternates between two buffers: no fresh m x n tensor per step
-    for a, b, c in coeffs:
+    X, transposed = _wide(G, dtype, norm_scale, eps)
+    spare = None  # X alternates between two buffers: no fresh m x n tensor per step
+    for i, (a, b, c) in enumerate(coeffs):
         A = sym_matmul_t(X)  # X @ X^T, symmetric
         B = sym_poly(A, b, c)  # b*A + c*A@A
-        X, spare = torch.baddbmm(X, B, X, beta=a, out=spare), X
-    X = X.reshape(*batch_shape, X.size(-2), X.size(-1))
-    return X.mT if transposed else X
+        if transposed and i == len(coeffs) - 1:  # last step straight into G's tall layout:
+            X = torch.baddbmm(X.mT, X.mT, B, beta=a).mT  # (a X + B X)^T = a X^T + X^T B, B symmetric
+        else:
+            X, spare = torch.baddbmm(X, B, X, beta=a, out=spare), (X if X.is_contiguous() else None)
+    return _unwide(X, G, transposed)
 
 
 def zeropower_via_newtonschulz5(G, steps=5, dtype=None, eps=1e-7):
@@ -226,15 +242,12 @@ def gram_newton_schulz(G, steps=5, dtype=None, coeffs=None, restart_after=2, eps
     if n < GRAM_MIN_ASPECT * m:  # near-square: the m^3 work costs more than it saves
         return _odd_polynomial_iteration(G, coeffs, dtype, 1.0, eps)
     dtype = dtype or default_ns_dtype(G.device, G.shape)
-    transposed = G.size(-2) > G.size(-1)
-    X = _normalized(G.mT if transposed else G, dtype, 1.0, eps)
-    batch_shape = X.shape[:-2]
-    X = X.reshape(-1, X.size(-2), X.size(-1))
+    X, transposed = _wide(G, dtype, 1.0, eps)
     size = restart_after or len(coeffs)
     starts = list(range(0, len(coeffs), size))
     if len(starts) > 1 and len(coeffs) - starts[-1] < size:
         starts.pop()  # a short last block joins the previous one
-    spare = torch.empty_like(X)  # X = Q X alternates between two buffers
+    spare = None  # X = Q X alternates between two buffers
     for start, end in zip(starts, starts[1:] + [len(coeffs)]):
         block = coeffs[start:end]
         R = sym_matmul_t(X)
@@ -245,9 +258,11 @@ def gram_newton_schulz(G, steps=5, dtype=None, coeffs=None, restart_after=2, eps
             Q = P if Q is None else torch.bmm(P, Q)
             if i < len(block) - 1:  # the last R of a block is never used
                 R = torch.bmm(R, sym_matmul_t(P))  # R P^2, with P^2 = P P^T (symmetric kernel on CUDA)
-        X, spare = torch.bmm(Q, X, out=spare), X
-    X = X.reshape(*batch_shape, X.size(-2), X.size(-1))
-    return X.mT if transposed else X
+        if transposed and end == len(coeffs):  # the last product straight into G's tall layout:
+            X = torch.bmm(X.mT, Q).mT  # (Q X)^T = X^T Q: Q is a product of commuting symmetric matrices
+        else:
+            X, spare = torch.bmm(Q, X, out=spare), (X if X.is_contiguous() else None)
+    return _unwide(X, G, transposed)
 
 
 ORTHOGONALIZERS = {
