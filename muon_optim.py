@@ -14,8 +14,9 @@ directions learn as fast as dominant ones. It is for >= 2D hidden weights only: 
 output head, gains and biases go to the auxiliary AdamW groups (`use_muon=False`).
 
 Contents
+  compute dtype      default_ns_dtype, cpu_fast_bf16 (bf16 where the hardware makes it fast), NS_DTYPE
   orthogonalization  zeropower_via_newtonschulz5, polar_express, polar_express_coefficients,
-                     gram_newton_schulz, orthogonalize (dispatch)
+                     gram_newton_schulz, orthogonalize (dispatch); Triton kernels verified on first use
   update math        momentum_direction, muon_update, normuon_normalize, adam_update, apply_update, sphere_retract
   FSDP2 / DTensor    share_work, chunk_rows, orthogonalize_row_sharded, normuon_normalize_row_sharded, ...
   optimizer          Muon (+ KellerJordan-compatible SingleDeviceMuon, MuonWithAuxAdam, ...)
@@ -164,7 +165,7 @@ def zeropower_via_newtonschulz5(G, steps=5, dtype=None, eps=1e-7):
     The coefficients (3.4445, -4.7750, 2.0315) maximise the slope at zero instead of converging:
     the result is U S' V^T with S' roughly in [0.7, 1.2], which trains as well as the exact factor
     and needs only 5 steps. Input: (..., m, n), tall or wide; returned in `dtype`
-    (default: bf16 on CUDA, fp32 elsewhere)."""
+    (default: default_ns_dtype, bf16 on CUDA and on CPUs with fast bf16 for large matrices)."""
     return _odd_polynomial_iteration(G, [NS5_COEFFS] * steps, dtype, 1.0, eps)
 
 
@@ -814,7 +815,7 @@ class Muon(torch.optim.Optimizer):
     or param groups; a group with use_muon=False is bias-corrected AdamW (lr, betas, eps,
     weight_decay). Muon group options (defaults in MUON_DEFAULTS):
       ns_method   'newton_schulz' | 'polar_express' | 'gram_newton_schulz';  ns_steps;
-      ns_dtype    compute dtype of the iteration (None: bf16 on CUDA, fp32 elsewhere);
+      ns_dtype    compute dtype of the iteration (None: default_ns_dtype, by device, CPU and size);
       scale       'original' | 'match_adamw' | 'spectral'  (see shape_scale);
       cautious_wd decay only where update and weight agree in sign;
       normuon     None, or beta2 (e.g. 0.95) for NorMuon's per-neuron normalization;
