@@ -77,7 +77,7 @@ proj_every = 1  # lazy projection: renormalize every k steps ('project' only; em
 eval_every = 250
 eval_tokens = 10 * 65536  # a fixed slice from the start of the val shard
 ckpt_every = 1000  # 0 = only at the end and on Ctrl-C
-stop_after_steps = 0  # > 0: checkpoint and exit after this many steps; --resume=True continues
+stop_after_steps = 0  # > 0: train at most this many steps per invocation, checkpoint, exit; --resume=True continues
 save_checkpoint = True  # False: no ckpt.pt (the sweeps)
 resume = False  # continue from out_dir/ckpt.pt (same settings required)
 out_dir = "out/ngpt"
@@ -584,7 +584,7 @@ def train(cfg, progress=True):
                    tokens_per_step=tokens_per_step, device=str(dev), vocab_size=vocab_size,
                    num_params=sum(p.numel() for p in model.parameters()), runs={label: dict(train=[], val=[])})
     step, train_time = resume_from(ckpt_path, cfg, model, opt, loader, metrics) if cfg["resume"] else (0, 0.0)
-    run = metrics["runs"][label]
+    run, first_step = metrics["runs"][label], step  # stop_after_steps counts the steps of this invocation
     fwd = torch.compile(model) if cfg["compile"] and dev.type == "cuda" else model
     wandb_run = start_wandb(cfg) if cfg["wandb_log"] else None
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not progress, desc=cfg["out_dir"], dynamic_ncols=True)
@@ -628,7 +628,7 @@ def train(cfg, progress=True):
             if wandb_run:
                 wandb_run.log({f"train/{k}": v for k, v in run["train"][-1].items()}, step=step)
             bar.update(1)
-            stop = cfg["stop_after_steps"] and cfg["max_steps"] > step >= cfg["stop_after_steps"]
+            stop = cfg["stop_after_steps"] and cfg["max_steps"] > step >= first_step + cfg["stop_after_steps"]
             if stop or (cfg["ckpt_every"] and step % cfg["ckpt_every"] == 0):
                 write_checkpoint(ckpt_path, cfg, step, model, opt, loader.state(), metrics, train_time)
             if stop:

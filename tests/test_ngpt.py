@@ -205,6 +205,9 @@ def test_resume_matches_an_uninterrupted_run(shards, tmp_path, monkeypatch):
     # 1) stop_after_steps (job time limits), mid lazy-projection period
     train_ngpt.train(dict(cfg, out_dir=str(tmp_path / "stopped"), stop_after_steps=3), progress=False)
     assert torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=False)["step"] == 3
+    # the same job command again: stop_after_steps counts this invocation's steps (3 more), not absolute steps
+    train_ngpt.train(dict(cfg, out_dir=str(tmp_path / "stopped"), stop_after_steps=3, resume=True), progress=False)
+    assert torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=False)["step"] == 6
     check(tmp_path / "stopped")
 
     # 2) Ctrl-C while the 5th batch is being fetched: the checkpoint holds step 4 and its data position
