@@ -722,8 +722,12 @@ def bench_gpu():
     if device != "cuda":
         sys.exit("--gpu=True needs a CUDA GPU (torch.cuda.is_available() is False here)")
     rows = []
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_cuda.py"], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfEs", "tests/test_cuda.py"], capture_output=True,
+                          text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "test_cuda.log"), "w") as f:  # the whole pytest report, failures included
+        f.write(proc.stdout + proc.stderr)
+    print(proc.stdout[-4000:], flush=True)
     summary = [l for l in proc.stdout.splitlines() if " passed" in l or " failed" in l or " error" in l]
     rows.append(("tests/test_cuda.py", summary[-1] if summary else proc.stdout[-300:], ""))
     gen = torch.Generator().manual_seed(seed)

@@ -82,6 +82,8 @@ tune_grid_muon = ""  # e.g. "lr_muon=0.05,0.1,0.2;weight_decay_muon=0.25,0.5,1"
 tune_lrs_adamw = ""  # shorthand for tune_grid_adamw="lr_adamw=<this list>" ...
 tune_lrs_muon = ""  # ... and tune_grid_muon="lr_muon=<this list>"
 tune_seeds = ""  # must be disjoint from `seeds`
+tune_design = "product"  # product: every combination of the lists | star: the constants' current values (the
+# center) plus one setting changed at a time (1 + sum(len - 1) configurations; each list must hold the center)
 tune_unequal_ok = False  # allow different configuration counts per optimizer (then not a like-for-like budget)
 # system
 jobs = 1  # runs in parallel processes (each with 1 thread); 1: in this process, live tqdm per run
@@ -96,7 +98,7 @@ CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isin
 # (device, threads and jobs change results only at float rounding); every other constant is part of a
 # run's settings. The Muon knobs are left out of an AdamW run, so the AdamW baseline is shared.
 NOT_RUN_SETTINGS = ("task", "optimizers", "seeds", "lr_adamw", "lr_muon", "tune_grid_adamw", "tune_grid_muon",
-                    "tune_lrs_adamw", "tune_lrs_muon", "tune_seeds", "tune_unequal_ok", "jobs", "threads", "resume",
+                    "tune_lrs_adamw", "tune_lrs_muon", "tune_seeds", "tune_design", "tune_unequal_ok", "jobs", "threads", "resume",
                     "save_checkpoint", "out_dir", "device")
 LR_KEY = {"adamw": "lr_adamw", "muon": "lr_muon"}  # the constant that is a run's `lr`
 # run settings that define the task or the measurement (or hold a comma): never a tuning-grid axis
@@ -642,11 +644,11 @@ def main(cfg):
     print(f"model: {cfg['n_layer']} layers, d_model {cfg['d_model']}, {n_params:,} parameters")
 
     records, tuned = [], {}
-    configs = {o: grid_configs(grids[o]) for o in opt_names}
+    configs = {o: grid_configs(grids[o], cfg["tune_design"], star_center(cfg, o, grids[o])) for o in opt_names}
     tuning = bool(tune_seed_list and any(grids.values()))
     if tuning:
         print("fair tuning on seeds " + str(tune_seed_list) + ": " + "; ".join(
-            f"{o} {len(configs[o])} configuration(s)" + (f" ({' x '.join(f'{k} {len(v)}' for k, v in grids[o].items())})"
+            f"{o} {len(configs[o])} configuration(s)" + (f" ({cfg['tune_design']}: {', '.join(f'{k} {len(v)}' for k, v in grids[o].items())})"
                                                          if grids[o] else " (its defaults)") for o in opt_names))
     all_specs = []
     pool = mp.get_context("spawn").Pool(cfg["jobs"]) if cfg["jobs"] > 1 else None
@@ -724,9 +726,12 @@ def tuning_grids(cfg, opt_names):
                              f"(put the LRs in the grid: {LR_KEY[o]}=...)")
         text = cfg[f"tune_grid_{o}"] or (f"{LR_KEY[o]}={cfg[f'tune_lrs_{o}']}" if cfg[f"tune_lrs_{o}"] else "")
         grids[o] = parse_grid(text, o, defaults)
-    counts = {o: math.prod(len(v) for v in grids[o].values()) for o in opt_names}
+    if cfg["tune_design"] not in ("product", "star"):
+        raise ValueError(f"--tune_design={cfg['tune_design']!r}: choose product or star")
+    counts = {o: len(grid_configs(grids[o], cfg["tune_design"], star_center(cfg, o, grids[o]))) for o in opt_names}
     if any(grids.values()) and len(set(counts.values())) > 1 and not cfg["tune_unequal_ok"]:
-        sizes = "; ".join(f"{o} {counts[o]}" + (f" ({' x '.join(str(len(v)) for v in grids[o].values())})"
+        sep = " x " if cfg["tune_design"] == "product" else " + "
+        sizes = "; ".join(f"{o} {counts[o]}" + (f" ({sep.join(str(len(v)) for v in grids[o].values())})"
                                                 if grids[o] else " (no grid: its defaults)") for o in opt_names)
         raise ValueError(f"unequal tuning budgets: {sizes} configurations; a fair comparison tries as many per "
                          "optimizer (e.g. adamw lr 4 x wd 2 = 8 and muon lr 2 x wd 2 x aux lr 2 = 8); change the "
@@ -734,9 +739,26 @@ def tuning_grids(cfg, opt_names):
     return grids
 
 
-def grid_configs(grid):
-    """The product of a grid's lists as dicts, first axis slowest; [{}] for an empty grid."""
-    return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+def star_center(cfg, opt_name, grid):
+    """The star design's center: each tuned setting at its constant's current value (--name=value
+    moves it). Each list must hold it, so that every axis is tried on both sides of one point."""
+    center = {k: cfg[k] for k in grid}
+    if cfg["tune_design"] == "star":
+        for k, vals in grid.items():
+            if center[k] not in vals:
+                raise ValueError(f"--tune_grid_{opt_name}: a star design varies one setting at a time around the "
+                                 f"current values, so {k}'s list must hold its current value {center[k]} (add it, "
+                                 f"or move the center with --{k}=<a listed value>)")
+    return center
+
+
+def grid_configs(grid, design="product", center=None):
+    """A grid's configurations as dicts. product: every combination, first axis slowest; star: the
+    center, then each setting's other values one at a time (the others at the center). [{}] for an
+    empty grid."""
+    if design == "product" or not grid:
+        return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+    return [dict(center)] + [dict(center, **{k: v}) for k, vals in grid.items() for v in vals if v != center[k]]
 
 
 def config_spec(cfg, t, o, values, seed, phase):

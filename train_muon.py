@@ -405,6 +405,8 @@ def setup_distributed(cfg):
     else:
         local_rank = 0
         device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"]
+        if device == "cuda":  # set_device needs an index: the current device (CUDA_VISIBLE_DEVICES picks it)
+            device = f"cuda:{torch.cuda.current_device()}"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

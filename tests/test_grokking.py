@@ -374,3 +374,26 @@ def test_grid_tuning_end_to_end(tmp_path, capsys):
     again = tg.main(tiny(tmp_path, *args))
     assert [r["wall_s"] for r in again["runs"]] == [r["wall_s"] for r in out["runs"]]
     assert "tuning add: reusing 4 finished run(s)" in capsys.readouterr().out
+
+
+def test_star_design_varies_one_setting_at_a_time_around_the_current_values():
+    grid = tg.parse_grid("lr_muon=0.05,0.1,0.2;weight_decay_muon=0.25,0.5,1;lr_muon_aux=3e-3,1e-2,3e-2", "muon", defaults())
+    cfg = dict(defaults(), tune_design="star", lr_muon=0.1, weight_decay_muon=0.5, lr_muon_aux=1e-2)
+    center = tg.star_center(cfg, "muon", grid)
+    configs = tg.grid_configs(grid, "star", center)
+    assert len(configs) == 7 and configs[0] == {"lr_muon": 0.1, "weight_decay_muon": 0.5, "lr_muon_aux": 1e-2}
+    assert all(sum(c[k] != center[k] for k in grid) == 1 for c in configs[1:])  # one setting off the center
+    assert {c["lr_muon"] for c in configs} == {0.05, 0.1, 0.2} and len({tuple(c.items()) for c in configs}) == 7
+    both = dict(cfg, tune_grid_muon="lr_muon=0.05,0.1,0.2;weight_decay_muon=0.25,0.5,1;lr_muon_aux=3e-3,1e-2,3e-2",
+                tune_grid_adamw="lr_adamw=1e-3,2e-3,3e-3,5e-3,1e-2;weight_decay=0.3,1,3", lr_adamw=3e-3, weight_decay=1.0)
+    assert set(tg.tuning_grids(both, ["adamw", "muon"])) == {"adamw", "muon"}  # 1 + 4 + 2 == 1 + 2 + 2 + 2
+    with pytest.raises(ValueError, match=r"unequal tuning budgets: adamw 6 \(4 \+ 3\); muon 7"):
+        tg.tuning_grids(dict(both, tune_grid_adamw="lr_adamw=1e-3,2e-3,3e-3,5e-3;weight_decay=0.3,1,3"), ["adamw", "muon"])
+    with pytest.raises(ValueError, match=r"weight_decay_muon's list must hold its current value 0.4"):
+        tg.tuning_grids(dict(both, weight_decay_muon=0.4), ["adamw", "muon"])
+    with pytest.raises(ValueError, match="choose product or star"):
+        tg.tuning_grids(dict(both, tune_design="random"), ["adamw", "muon"])
+    # the winner's setting at the end of its list is flagged as in the product design
+    per = [[dict(grok_step=s, max_steps=400, final_val_acc=1.0)] for s in (200, 300, 150, 250, 260, 270, 280)]
+    w = tg.pick_config(per, "div", "muon", configs, grid, [100])
+    assert w["values"] == configs[2] and [e["name"] for e in w["at_edge"]] == ["lr_muon"]
