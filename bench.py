@@ -3,7 +3,7 @@ bench.py -- what Muon's orthogonalization costs, how good it is, and what it buy
 
     python bench.py                      # all four sections (< 5 min on a 2-core CPU)
     python bench.py --quick=True         # fewer shapes and repeats (~1 min)
-    python bench.py --only=speed,step    # any of: speed, quality, step, showdown, distributed, gpu
+    python bench.py --only=speed,step    # any of: speed, quality, step, showdown, distributed, gpu, gpu_ns
     OMP_NUM_THREADS=1 python bench.py --only=distributed   # DDP-style vs FSDP2 step at 1 and 2 ranks (gloo)
     python bench.py --threads=1          # torch CPU threads (default: torch's choice)
     python bench.py --gpu=True           # the GPU validation: tests/test_cuda.py + one table (<= 8 min, one H100)
@@ -21,6 +21,7 @@ Sections (each measured in one process, so the ratios inside a table are fair):
   distributed  (not in the default list) Muon step time per rank and bytes sent, plain tensors /
             DDP-style all_gather / FSDP2 all_to_all, at 1 and 2 ranks (gloo on CPU, NCCL on GPU)
   gpu       (not in the default list; --gpu=True) tests/test_cuda.py + one table of GPU numbers
+  gpu_ns    (not in the default list; --gpu=True) NS5 with the Triton kernels vs torch by size
 Writes out/bench/results.json (sections merge into an existing file), out/bench/results.md
 (the markdown tables) and PNGs.
 """
@@ -57,7 +58,7 @@ label = ""  # machine label for the tables, e.g. "2-core CPU, shared/noisy"; def
 out_dir = "out/bench"
 seed = 42
 # -----------------------------------------------------------------------------
-SECTIONS = ("speed", "quality", "step", "showdown", "distributed", "gpu")
+SECTIONS = ("speed", "quality", "step", "showdown", "distributed", "gpu", "gpu_ns")
 
 
 def parse_overrides(argv, defaults):
@@ -97,7 +98,7 @@ if __name__ == "__main__":
                                                     and isinstance(v, (bool, int, float, str))
                                                     and k in ("only", "quick", "gpu", "threads", "repeats",
                                                               "case_budget_s", "label", "out_dir", "seed")}))
-    only = "gpu" if gpu else only
+    only = "gpu,gpu_ns" if gpu else only
 wanted = [s.strip() for s in only.split(",") if s.strip()]
 if not wanted or set(wanted) - set(SECTIONS):
     sys.exit(f"--only={only!r}: choose a comma-separated subset of {','.join(SECTIONS)}")
@@ -189,12 +190,14 @@ def gram_flops(B, m, n, steps=5, restart_after=2):
 
 
 def with_triton(fn, enabled):
+    """fn with the Triton kernels forced on (at any size: the thresholds are what this measures) or off."""
     def call(G, **kw):
-        saved, mo.USE_TRITON = mo.USE_TRITON, enabled
+        saved = mo.USE_TRITON, mo.TRITON_MIN_SIZE, mo.TRITON_MAX_ASPECT
+        mo.USE_TRITON, mo.TRITON_MIN_SIZE, mo.TRITON_MAX_ASPECT = enabled, 0, float("inf")
         try:
             return fn(G, **kw)
         finally:
-            mo.USE_TRITON = saved
+            mo.USE_TRITON, mo.TRITON_MIN_SIZE, mo.TRITON_MAX_ASPECT = saved
     return call
 
 
@@ -775,11 +778,34 @@ def bench_gpu():
     return dict(rows=[list(r) for r in rows], md=md)
 
 
+def bench_gpu_ns():
+    """NS5 in bf16 with the Triton kernels forced on vs torch, over sizes: where the kernels pay off
+    (muon_optim.TRITON_MIN_SIZE / TRITON_MAX_ASPECT are set from this table)."""
+    if device != "cuda":
+        sys.exit("--only=gpu_ns needs a CUDA GPU (torch.cuda.is_available() is False here)")
+    if mo.triton is None:
+        sys.exit("--only=gpu_ns needs triton (pip install triton)")
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for shape in [(256, 256), (768, 768), (1024, 1024), (2048, 2048), (4096, 4096), (768, 3072), (1024, 4096),
+                  (2048, 8192), (12, 768, 768), (16, 1024, 1024), (8, 2048, 2048)]:
+        G = torch.randn(*shape, generator=gen).to(device)
+        t = time_interleaved({"torch": lambda: with_triton(mo.zeropower_via_newtonschulz5, False)(G),
+                              "triton": lambda: with_triton(mo.zeropower_via_newtonschulz5, True)(G)}, n_repeats=20)
+        m, n = sorted(shape[-2:])
+        chosen = "Triton" if m >= mo.TRITON_MIN_SIZE and n <= mo.TRITON_MAX_ASPECT * m else "torch"
+        rows.append((fmt_shape(shape), f"{t['torch']['ms']:.3f}", f"{t['triton']['ms']:.3f}",
+                     f"{t['torch']['ms'] / t['triton']['ms']:.2f}x", chosen))
+    return dict(rows=[list(r) for r in rows],
+                md=md_table(["shape", "torch ms", "Triton ms", "Triton speedup", "muon_optim uses"], rows))
+
+
 RUNNERS = dict(speed=bench_speed, quality=bench_quality, step=bench_step, showdown=bench_showdown,
-               distributed=bench_distributed, gpu=bench_gpu)
+               distributed=bench_distributed, gpu=bench_gpu, gpu_ns=bench_gpu_ns)
 TITLES = dict(speed="1. Orthogonalization speed", quality="2. Orthogonalization quality",
               step="3. Optimizer step time (4 GPT-2-small matrices)", showdown="4. Deep-linear-network showdown",
-              distributed="5. Distributed optimizer step (DDP-style and FSDP2)", gpu="6. GPU validation")
+              distributed="5. Distributed optimizer step (DDP-style and FSDP2)", gpu="6. GPU validation",
+              gpu_ns="7. NS5 on the GPU: Triton kernels vs torch by size")
 
 if __name__ == "__main__":
     json_path = os.path.join(out_dir, "results.json")
