@@ -3,7 +3,7 @@ study_lm.py -- the Muon-vs-AdamW language-model study: tune both optimizers on o
 then compare the winners on a disjoint part, at two horizons and over seeds.
 
     python study_lm.py                                   # the tiny Shakespeare config (data: below)
-    python study_lm.py --jobs=8 --device=cuda            # the same study, 8 runs at a time on one GPU
+    python study_lm.py --jobs=14 --device=cuda           # the same study, 14 runs at a time on one GPU
 
 Every run is one `python train_muon.py ...` process (the trainer is not imported), in
 out_dir/runs/<run>/ with its metrics.json; `jobs` of them run at a time.
@@ -17,10 +17,11 @@ out_dir/runs/<run>/ with its metrics.json; `jobs` of them run at a time.
    (linear interpolation between evals) over the horizon. Summary per horizon: mean ratio with a
    bootstrap 95% CI over seeds, a one-sided t-test of ratio < 1, and the paired final-loss gap.
 
-Data (GPT-2 BPE with tiktoken; odd/even plays so the two parts share no text):
+Data: two disjoint parts of a corpus, e.g. Shakespeare's plays a*-l* and m*-z* (GPT-2 BPE):
 
     TIKTOKEN_CACHE_DIR=../shared/data/tiktoken_cache python prepare_fineweb.py --encoding=r50k_base \\
-        --input='../shared/data/shakespeare/[a-h]*.txt,...' ...   # the exact commands: results/lm.md
+        --input='../shared/data/shakespeare/[a-l]*.txt' --shard_size=5e4 --txt_sample_by=paragraph \\
+        --shuffle_seed=0 --out_dir=data/shakespeare_tune      # and [m-z] -> data/shakespeare_report
 
 Rerunning reuses a finished run whose recorded settings and code hash (train_muon.py, model_keller.py,
 muon_optim.py) are unchanged; anything else retrains. Outputs: out_dir/results.json (grids, every
