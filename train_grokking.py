@@ -54,6 +54,9 @@ batch_size = 1024  # 512 before the speed study (results/grokking_tuning.md): Mu
 eval_every = 20  # full train + val evaluation every this many steps (the grok-step resolution)
 threshold = 0.99  # memorized: train acc >= threshold; grokked: val acc >= threshold (0.95 also recorded)
 stop_on_grok = True  # end a run at its grok step (saves compute in studies)
+give_up_at = 500  # a run whose train accuracy is still below max(10%, 2/p) at this step has diverged or
+# stalled (seen: AdamW at lr >= 2e-2, or wd >= 3 at lr 1e-2, batch 1024, never left chance in 3000 steps):
+# it stops and counts as censored at max_steps, like any run that never groks. 0: never give up
 warmup_steps = 10  # linear LR warmup, as in Power et al.
 # the AdamW run: AdamW on every parameter (Power et al.: lr 1e-3, betas (0.9, 0.98), wd 1)
 lr_adamw = 3e-3
@@ -102,7 +105,7 @@ NOT_RUN_SETTINGS = ("task", "optimizers", "seeds", "lr_adamw", "lr_muon", "tune_
                     "save_checkpoint", "out_dir", "device")
 LR_KEY = {"adamw": "lr_adamw", "muon": "lr_muon"}  # the constant that is a run's `lr`
 # run settings that define the task or the measurement (or hold a comma): never a tuning-grid axis
-NOT_TUNABLE = ("p", "train_frac", "max_steps", "eval_every", "threshold", "stop_on_grok", "betas_adamw")
+NOT_TUNABLE = ("p", "train_frac", "max_steps", "eval_every", "threshold", "stop_on_grok", "give_up_at", "betas_adamw")
 MUON_ONLY = ("lr_muon_aux", "momentum_muon", "weight_decay_muon", "ns_method", "normuon")
 SOURCE_FILES = (os.path.abspath(__file__), model_tiny.__file__, muon_optim.__file__)  # the code a run executes
 TASKS = {  # name -> (answer as a function of integer tensors x, y and the modulus, op token text)
@@ -323,7 +326,7 @@ def train_run(cfg, task_name, opt_name, lr, seed, phase="eval", show_bar=True, e
     name, settings = run_name(task_name, opt_name, lr, seed, extra), run_settings(cfg, task_name, opt_name, lr, seed)
     curve = dict(step=[], train_loss=[], train_acc=[], val_loss=[], val_acc=[])
     marks = dict(memorize_step=None, grok_step=None, grok_step_95=None)
-    step, t0 = 0, time.perf_counter()
+    step, t0, gave_up = 0, time.perf_counter(), False
     bar = tqdm(total=cfg["max_steps"], desc=f"{name:<32}", disable=not show_bar, leave=True, dynamic_ncols=True)
     try:
         model.train()
@@ -338,6 +341,9 @@ def train_run(cfg, task_name, opt_name, lr, seed, phase="eval", show_bar=True, e
                         marks[mark] = step
                 bar.set_postfix(train=f"{tra:.3f}", val=f"{vaa:.3f}", refresh=False)
                 if step == cfg["max_steps"] or (cfg["stop_on_grok"] and marks["grok_step"] is not None):
+                    break
+                if 0 < cfg["give_up_at"] <= step < cfg["give_up_at"] + cfg["eval_every"] and tra < max(0.1, 2 / cfg["p"]):
+                    gave_up = True  # the first evaluation at or after give_up_at: still near chance
                     break
             scale = min(1.0, (step + 1) / cfg["warmup_steps"]) if cfg["warmup_steps"] > 0 else 1.0
             for g, base in zip(opt.param_groups, base_lrs):
@@ -358,7 +364,7 @@ def train_run(cfg, task_name, opt_name, lr, seed, phase="eval", show_bar=True, e
                              step=step, model_config=vars(model_config(cfg)), settings=settings,
                              source_hash=SOURCE_HASH), os.path.join(cfg["out_dir"], "ckpt", name + ".pt"))
     record = dict(name=name, task=task_name, p=cfg["p"], train_frac=cfg["train_frac"], optimizer=opt_name, lr=lr,
-                  hparams={LR_KEY[opt_name]: lr, **dict(extra)}, seed=seed, phase=phase, **marks, censored=marks["grok_step"] is None, steps_run=step,
+                  hparams={LR_KEY[opt_name]: lr, **dict(extra)}, seed=seed, phase=phase, **marks, censored=marks["grok_step"] is None, gave_up=gave_up, steps_run=step,
                   max_steps=cfg["max_steps"], final_train_loss=curve["train_loss"][-1],
                   final_train_acc=curve["train_acc"][-1], final_val_loss=curve["val_loss"][-1],
                   final_val_acc=curve["val_acc"][-1], wall_s=round(wall_s, 2), n_params=model.num_params(),
@@ -431,7 +437,9 @@ def steps_or_max(records):
 
 
 def fmt_step(r):
-    return str(r["grok_step"]) if r["grok_step"] is not None else f">{r['max_steps']}"
+    if r["grok_step"] is not None:
+        return str(r["grok_step"])
+    return f">{r['max_steps']}" + ("*" if r.get("gave_up") else "")  # *: stopped at give_up_at, near chance
 
 
 def fmt_median(records):
@@ -507,7 +515,8 @@ def print_run_table(records, opt_names):
         g95 = r["grok_step_95"] if r["grok_step_95"] is not None else f">{r['steps_run']}"
         print(f"{r['task']:<8} {r['optimizer']:<9} {r['lr']:>8g} {r['seed']:>5} {mem!s:>9} {g95!s:>9} "
               f"{fmt_step(r):>7} {r['wall_s']:>7.1f} {speed_txt:>8}")
-    print("speedup: AdamW grok step / this run's grok step, same task and seed ('+': AdamW censored, a lower bound)")
+    print("speedup: AdamW grok step / this run's grok step, same task and seed ('+': AdamW censored, a lower bound); "
+          "*: gave up at give_up_at (still near chance), counted as censored")
 
 
 def print_study_table(summary, opt_names):

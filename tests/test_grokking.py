@@ -397,3 +397,18 @@ def test_star_design_varies_one_setting_at_a_time_around_the_current_values():
     per = [[dict(grok_step=s, max_steps=400, final_val_acc=1.0)] for s in (200, 300, 150, 250, 260, 270, 280)]
     w = tg.pick_config(per, "div", "muon", configs, grid, [100])
     assert w["values"] == configs[2] and [e["name"] for e in w["at_edge"]] == ["lr_muon"]
+
+
+def test_a_run_still_near_chance_at_give_up_at_stops_as_censored(tmp_path):
+    """A diverging AdamW run (lr 3) stops at the first evaluation at or after give_up_at and counts as
+    censored at max_steps; a learning run (Muon) and give_up_at=0 train to the end."""
+    torch.set_num_threads(1)
+    out = tg.main(tiny(tmp_path, "--optimizers=adamw,muon", "--lr_adamw=3.0", "--weight_decay=0",
+                       "--give_up_at=15", "--max_steps=60", "--p=23", "--batch_size=128"))
+    adamw, muon = (next(r for r in out["runs"] if r["optimizer"] == o) for o in ("adamw", "muon"))
+    assert adamw["gave_up"] and adamw["steps_run"] == 20 and adamw["censored"] and adamw["final_train_acc"] < 0.1
+    assert tg.steps_or_max([adamw]) == [60] and tg.fmt_step(adamw) == ">60*"
+    assert not muon["gave_up"] and muon["steps_run"] == 60
+    kept = tg.main(tiny(tmp_path / "b", "--optimizers=adamw", "--lr_adamw=3.0", "--weight_decay=0",
+                        "--give_up_at=0", "--max_steps=30", "--p=23"))
+    assert not kept["runs"][0]["gave_up"] and kept["runs"][0]["steps_run"] == 30
