@@ -192,12 +192,12 @@ def gram_flops(B, m, n, steps=5, restart_after=2):
 def with_triton(fn, enabled):
     """fn with the Triton kernels forced on (at any size: the thresholds are what this measures) or off."""
     def call(G, **kw):
-        saved = mo.USE_TRITON, mo.TRITON_MIN_SIZE, mo.TRITON_MAX_ASPECT
-        mo.USE_TRITON, mo.TRITON_MIN_SIZE, mo.TRITON_MAX_ASPECT = enabled, 0, float("inf")
+        saved = mo.USE_TRITON, mo.TRITON_MIN_WORK
+        mo.USE_TRITON, mo.TRITON_MIN_WORK = enabled, 0
         try:
             return fn(G, **kw)
         finally:
-            mo.USE_TRITON, mo.TRITON_MIN_SIZE, mo.TRITON_MAX_ASPECT = saved
+            mo.USE_TRITON, mo.TRITON_MIN_WORK = saved
     return call
 
 
@@ -780,7 +780,7 @@ def bench_gpu():
 
 def bench_gpu_ns():
     """NS5 in bf16 with the Triton kernels forced on vs torch, over sizes: where the kernels pay off
-    (muon_optim.TRITON_MIN_SIZE / TRITON_MAX_ASPECT are set from this table)."""
+    (muon_optim.TRITON_MIN_WORK is set from this table)."""
     if device != "cuda":
         sys.exit("--only=gpu_ns needs a CUDA GPU (torch.cuda.is_available() is False here)")
     if mo.triton is None:
@@ -793,7 +793,7 @@ def bench_gpu_ns():
         t = time_interleaved({"torch": lambda: with_triton(mo.zeropower_via_newtonschulz5, False)(G),
                               "triton": lambda: with_triton(mo.zeropower_via_newtonschulz5, True)(G)}, n_repeats=20)
         m, n = sorted(shape[-2:])
-        chosen = "Triton" if m >= mo.TRITON_MIN_SIZE and n <= mo.TRITON_MAX_ASPECT * m else "torch"
+        chosen = "Triton" if math.prod(shape[:-2]) * m * m * n >= mo.TRITON_MIN_WORK else "torch"
         rows.append((fmt_shape(shape), f"{t['torch']['ms']:.3f}", f"{t['triton']['ms']:.3f}",
                      f"{t['torch']['ms'] / t['triton']['ms']:.2f}x", chosen))
     return dict(rows=[list(r) for r in rows],

@@ -287,19 +287,23 @@ def orthogonalize(G, method="newton_schulz", steps=5, dtype=None):
 # matmuls per iteration (idea from modded-nanogpt record #27).
 
 USE_TRITON = True  # set False to force the torch path
-# When the kernels pay off, measured on an H100 (torch 2.11, bf16, NS5; results/bench.md): from m = 2048 on
-# for square-ish X (2048^2 1.31x, 4096^2 1.32x, 8 x 2048^2 1.21x faster than torch), not below (256^2 -
-# 1024^2 and GPT-2 small's 768 x 768 / 768 x 3072: 0.58-0.72x, launch overhead) nor for very wide X
-# (1024 x 4096 0.63x, 2048 x 8192 0.93x): X X^T is then a small part of the work.
-TRITON_MIN_SIZE = 2048  # the short side m must be at least this ...
-TRITON_MAX_ASPECT = 2  # ... and the long side at most this many times m
+# When the kernels pay off, measured on an H100 (torch 2.11, bf16 NS5, `python bench.py --only=gpu_ns`,
+# results/bench.md): up to 2048^2 an NS5 call is launch-bound (0.5-0.9 ms at any size) and the
+# kernels run at 0.65-0.70x torch's speed (GPT-2 small's 768 x 768 and 768 x 3072 included); wide
+# 2048 x 8192 0.93x, 16 x 1024^2 0.94-1.04x; they win at 4096^2 (1.21-1.25x) and 8 x 2048^2
+# (1.17-1.18x), both B*m*m*n = 4096^3 of work.
+TRITON_MIN_WORK = 4096 ** 3  # use the kernels when the batch's B * m * m * n is at least this
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run on CPU tensors (tests)
+
+
+def triton_pays_off(X):
+    """X (B, m, n) holds enough matmul work for the kernels to beat torch's (TRITON_MIN_WORK)."""
+    return X.shape[0] * X.size(-2) ** 2 * X.size(-1) >= TRITON_MIN_WORK
 
 
 def _triton_ok(X):
     return (USE_TRITON and triton is not None and (X.is_cuda or _TRITON_INTERPRET) and X.ndim == 3
-            and X.dtype in (torch.float16, torch.bfloat16, torch.float32) and X.size(-2) >= TRITON_MIN_SIZE
-            and X.size(-1) <= TRITON_MAX_ASPECT * X.size(-2)
+            and X.dtype in (torch.float16, torch.bfloat16, torch.float32) and triton_pays_off(X)
             and triton_verified(X.device, X.dtype))
 
 

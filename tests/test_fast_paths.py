@@ -52,7 +52,7 @@ assert mo.triton_verified(torch.device("cpu"), torch.float32)  # the first-use c
 launches = []
 launch = mo._launch_sym
 mo._launch_sym = lambda *a, **k: launches.append(1) or launch(*a, **k)
-mo.TRITON_MIN_SIZE = 0
+mo.TRITON_MIN_WORK = 0
 G = torch.randn(2, 70, 150)
 with_kernels = {"ns5": mo.zeropower_via_newtonschulz5(G), "gram": mo.gram_newton_schulz(G)}
 out["launches"] = len(launches)
@@ -101,7 +101,7 @@ import json, sys, warnings
 sys.path.insert(0, sys.argv[1])
 import torch
 import muon_optim as mo
-mo.TRITON_MIN_SIZE = 0
+mo.TRITON_MIN_WORK = 0
 right = mo.triton_sym_matmul_t
 mo.triton_sym_matmul_t = lambda X: right(X) * 1.01  # a kernel that is 1% off
 torch.manual_seed(0)
@@ -235,3 +235,13 @@ def test_gram_rejects_vectors_and_muon_accepts_it():
     step = (before - W.detach()) / 0.02
     ref = mo.zeropower_via_newtonschulz5(W.grad.lerp(W.grad * 0.05, 0.95).double(), dtype=torch.float64)
     assert _rel(step, ref) < 1e-4
+
+
+def test_triton_only_where_it_measured_faster():
+    """The H100 measurements (results/bench.md, gpu_ns): torch wins up to 2048^2 and at GPT-2 small's
+    shapes; the kernels win from 4096^3 of work (4096^2, 8 x 2048^2)."""
+    meta = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
+    for shape in [(1, 768, 768), (1, 768, 3072), (12, 768, 768), (1, 2048, 2048), (1, 2048, 8192), (16, 1024, 1024)]:
+        assert not mo.triton_pays_off(meta(*shape)), shape
+    for shape in [(1, 4096, 4096), (8, 2048, 2048), (2, 4096, 8192)]:
+        assert mo.triton_pays_off(meta(*shape)), shape
