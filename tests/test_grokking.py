@@ -203,11 +203,17 @@ def test_ctrl_c_saves_checkpoint_and_partial_results(tmp_path):
                               "--d_model=32", "--n_head=2", "--d_mlp=64", "--threads=1", "--stop_on_grok=False",
                               f"--out_dir={tmp_path}"], {k: getattr(tg, k) for k in tg.CONFIG_KEYS})
     tg.train_run(dict(cfg, max_steps=2, out_dir=str(tmp_path / "warmup")), "add", "adamw", 3e-3, 0, show_bar=False)
+    # a shell's background job starts with SIGINT ignored, and Python then installs no handler:
+    # install the default one, so the test means the same however the suite was started
+    saved_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(2.0, signal.raise_signal, args=(signal.SIGINT,))  # after torch's lazy imports
     timer.start()
-    with pytest.raises(SystemExit) as exc:
-        tg.main(cfg)
-    timer.cancel()
+    try:
+        with pytest.raises(SystemExit) as exc:
+            tg.main(cfg)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, saved_handler)
     assert exc.value.code == 130
     ckpt = torch.load(tmp_path / "ckpt" / "add_adamw_lr0.003_seed0.pt", weights_only=False)
     assert 0 < ckpt["step"] < 1000000 and "model" in ckpt and "optimizer" in ckpt
