@@ -129,10 +129,9 @@ def error_report(ckpt_path):
         pred = torch.cat([model(c) for c in X.split(4096)]).argmax(-1)[val]
     x, y, ans = X[val, 0], X[val, 2], Y[val]
     ok = pred == ans
-    by_answer = [ok[ans == a].float().mean().item() for a in range(p)]
+    by_answer = [ok[ans == a].float().mean().item() for a in range(p) if (ans == a).any()]
     wrong = ~ok & ((x * y) % p != 0)
-    inv = torch.tensor([pow(int(v), p - 2, p) for v in (x * y % p)[wrong]], dtype=torch.long)
-    k = ((pred[wrong] - x[wrong] ** 2 - y[wrong] ** 2) % p * inv) % p
+    k = ((pred[wrong] - x[wrong] ** 2 - y[wrong] ** 2) % p * tg.modular_inverse((x * y % p)[wrong], p)) % p
     top = collections.Counter(k.tolist()).most_common(3)
     return (f"{os.path.basename(ckpt_path)} (step {ck['step']}): val acc {ok.float().mean():.3f}; on the diagonal x == y "
             f"{ok[x == y].float().mean():.2f} (n={int((x == y).sum())}); per answer value {min(by_answer):.2f}-{max(by_answer):.2f}; "
