@@ -33,6 +33,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import copy
+import hashlib
 import json
 import math
 import platform
@@ -65,11 +66,15 @@ def parse_overrides(argv, defaults):
     """--name=value overrides of the constants at the top of a script (nanoGPT style).
     Flags are True/False; ints and floats are parsed as numbers (--eval_tokens=1e5 is an int if
     whole); strings are taken as written; lists are comma-separated strings. Unknown names and
-    values of the wrong type stop with a message that lists the valid choices."""
+    values of the wrong type stop with a message that lists the valid choices; --help (or -h)
+    prints every setting with its default and comment."""
     config = dict(defaults)
     for arg in argv:
+        if arg in ("-h", "--help"):
+            print(settings_help(defaults))
+            raise SystemExit(0)
         if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"bad argument {arg!r}: use --name=value (names: {', '.join(config)})")
+            raise SystemExit(f"bad argument {arg!r}: use --name=value (names: {', '.join(config)}; --help lists them)")
         key, text = arg[2:].split("=", 1)
         if key not in config:
             raise SystemExit(f"unknown setting --{key}; known: {', '.join(config)}")
@@ -91,6 +96,22 @@ def parse_overrides(argv, defaults):
             value = text
         config[key] = value
     return config
+
+
+def settings_help(defaults):
+    """Every setting as --name=default with the comment beside its constant at the top of this file."""
+    with open(__file__) as f:
+        lines = f.read().splitlines()
+    comments = {}
+    for line in lines:
+        name, eq, rest = line.partition(" = ")
+        if eq and name in defaults and name not in comments:
+            comments[name] = rest.split("  # ", 1)[1] if "  # " in rest else ""
+    shown = {k: f"--{k}={v}" for k, v in defaults.items()}
+    width = min(40, max(map(len, shown.values())))
+    out = [f"python {os.path.basename(__file__)} [--name=value ...]  (flags True/False, lists comma-separated)"]
+    out += [f"  {shown[k]:<{width}}  {comments.get(k, '')}".rstrip() for k in defaults]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,19 @@ def default_ns_dtype(device, shape=None):
     return torch.float32
 
 
+def compute_dtype_rule(device):
+    """What default_ns_dtype picks on `device`, as text: part of a run's identity, so that a result
+    computed in fp32 is never reused for a bf16 run (CUDA, a CPU with AMX, MUON_CPU_BF16=1)."""
+    kind = torch.device(device).type
+    if NS_DTYPE is not None:
+        return str(NS_DTYPE)
+    if kind == "cuda":
+        return "torch.bfloat16"
+    if kind == "cpu" and cpu_fast_bf16()[0]:
+        return f"torch.bfloat16 where the short side >= {CPU_BF16_MIN_SIZE}, else torch.float32"
+    return "torch.float32"
+
+
 def _normalized(G, dtype, scale, eps):
     """Cast to the compute dtype and divide by (||G||_F * scale + eps), so that every singular
     value is <= 1/scale. A plain fp32 sum of squares overflows for entries ~1e20 and underflows

@@ -115,11 +115,15 @@ def parse_overrides(argv, defaults):
     """--name=value overrides of the constants at the top of a script (nanoGPT style).
     Flags are True/False; ints and floats are parsed as numbers (--eval_tokens=1e5 is an int if
     whole); strings are taken as written; lists are comma-separated strings. Unknown names and
-    values of the wrong type stop with a message that lists the valid choices."""
+    values of the wrong type stop with a message that lists the valid choices; --help (or -h)
+    prints every setting with its default and comment."""
     config = dict(defaults)
     for arg in argv:
+        if arg in ("-h", "--help"):
+            print(settings_help(defaults))
+            raise SystemExit(0)
         if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"bad argument {arg!r}: use --name=value (names: {', '.join(config)})")
+            raise SystemExit(f"bad argument {arg!r}: use --name=value (names: {', '.join(config)}; --help lists them)")
         key, text = arg[2:].split("=", 1)
         if key not in config:
             raise SystemExit(f"unknown setting --{key}; known: {', '.join(config)}")
@@ -141,6 +145,48 @@ def parse_overrides(argv, defaults):
             value = text
         config[key] = value
     return config
+
+
+def settings_help(defaults):
+    """Every setting as --name=default with the comment beside its constant at the top of this file."""
+    with open(__file__) as f:
+        lines = f.read().splitlines()
+    comments = {}
+    for line in lines:
+        name, eq, rest = line.partition(" = ")
+        if eq and name in defaults and name not in comments:
+            comments[name] = rest.split("  # ", 1)[1] if "  # " in rest else ""
+    shown = {k: f"--{k}={v}" for k, v in defaults.items()}
+    width = min(40, max(map(len, shown.values())))
+    out = [f"python {os.path.basename(__file__)} [--name=value ...]  (flags True/False, lists comma-separated)"]
+    out += [f"  {shown[k]:<{width}}  {comments.get(k, '')}".rstrip() for k in defaults]
+    return "\n".join(out)
+
+
+def data_fingerprint(paths):
+    """sha256 (first 16 hex digits) of the data files a run reads, in order: each file's name, size
+    and content. Caches and resume key on it, so shards rewritten under the same path are noticed
+    (hashing reads each file once, about a second per GB)."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(f"{os.path.basename(path)}\0{os.path.getsize(path)}\0".encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def run_identity(settings, code_hash, data_hash):
+    """A run's identity, one flat JSON-normal dict: the resolved settings that change its result (the
+    compute dtype muon_optim picks included), the hash of the code it runs and of the data it reads.
+    A cached run is reused, and a checkpoint resumed, only on an equal identity; never on a path or label."""
+    return json.loads(json.dumps({**settings, "source_hash": code_hash, "data_hash": data_hash}, sort_keys=True))
+
+
+def identity_diff(old, new, may_differ=()):
+    """['name: old -> new', ...] for each entry in which two run identities differ, except `may_differ`."""
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if k not in may_differ and old.get(k) != new.get(k)]
 
 
 def atomic_save(obj, path):
