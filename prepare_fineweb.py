@@ -5,6 +5,7 @@ prepare_fineweb.py -- tokenize a text corpus into llm.c / modded-nanogpt shards 
     python prepare_fineweb.py --num_tokens=900000000   # stop after 0.9B tokens (9 shards of 1e8)
     python prepare_fineweb.py --input='texts/*.txt' --encoding=r50k_base --shard_size=100000 --out_dir=data/mine
     python prepare_fineweb.py --input='plays/*.txt' --txt_sample_by=paragraph --shuffle_seed=0 ...  # ordered corpus
+    python prepare_fineweb.py --input='torch:_*/**/*.py' ...  # the installed torch's source: results/torch_corpus.md
 
 Every document becomes [EOT] + tokens (tiktoken's GPT-2 BPE by default; EOT = 50256), tokenized in a
 multiprocessing pool, and the token stream is cut into shards of `shard_size` tokens:
@@ -13,24 +14,36 @@ multiprocessing pool, and the token stream is cut into shards of `shard_size` to
 Shard format (llm.c): a header of 256 int32 (magic 20240520, version 1, number of tokens, rest zero),
 then the tokens as uint16.
 
-Local files go through the same `datasets` streaming code path as the hub: --input is a glob of .txt
-(one document per file, or per line/paragraph with --txt_sample_by), .jsonl/.json (field --text_field)
-or .parquet files; all files of one glob must have the same kind.
+Local files go through the same `datasets` streaming code path as the hub: --input is a glob (`**` matches
+any depth) of .txt or .py files (one document per file, or per line/paragraph with --txt_sample_by),
+.jsonl/.json (field --text_field) or .parquet files, read in the order of their sorted paths; all files of
+one glob must have the same kind. `--input=NAME:GLOB` globs inside the installed Python package NAME,
+wherever this machine keeps it (e.g. --input='torch:**/*.py'), and records the package's version.
+
+out_dir/manifest.json is the provenance of a finished run: its settings, every input file's name (relative
+to the glob's leading directories), size and sha256, the package and version for NAME:GLOB input, and every
+shard's name, token count and sha256 (of the whole file, as `sha256sum` prints it). It is written
+(atomically) when the last shard is, and removed while shards are being rewritten.
 
 Shards are written atomically (temp file, then os.replace), and a small state file records where each
-shard ended in the document stream, so a rerun (e.g. after Ctrl-C or a dropped connection) skips the
-finished shards without tokenizing them again. A rerun with other settings (e.g. another --shard_size)
-starts over and deletes the earlier run's shards first (and says so), so the train glob never mixes
-two runs; shards in out_dir that no prepare_state.json accounts for make it stop instead.
+shard ended in the document stream and its sha256, so a rerun (e.g. after Ctrl-C or a dropped connection)
+skips the finished shards without tokenizing them again. A rerun reuses shards only when the settings and
+the input files' contents are equal and the shards are unaltered; otherwise (another --shard_size, an edited
+input file) it starts over and deletes the earlier run's shards first (and says so), so the train glob
+never mixes two runs; shards in out_dir that no prepare_state.json accounts for make it stop instead.
 
 No network: tiktoken downloads its BPE files on first use (copy them and set TIKTOKEN_CACHE_DIR), and
 the hub dataset needs the HF hub (use --input= for local files, or a filled HF cache with HF_HUB_OFFLINE=1).
 """
+import codecs
 import glob
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 
 import numpy as np
@@ -41,9 +54,9 @@ from tqdm import tqdm
 dataset = "HuggingFaceFW/fineweb-edu"  # hub dataset (streamed), used when `input` is empty
 dataset_config = "sample-10BT"
 split = "train"
-input = ""  # glob of local .txt / .jsonl / .json / .parquet files instead of the hub
+input = ""  # glob of local .txt/.py/.jsonl/.json/.parquet files instead of the hub; NAME:GLOB = inside package NAME
 text_field = "text"  # the field holding each document's text
-txt_sample_by = "document"  # for .txt input: one document per "document" (file), "paragraph" or "line"
+txt_sample_by = "document"  # for .txt/.py input: one document per "document" (file), "paragraph" or "line"
 shuffle_seed = -1  # >= 0: shuffle the documents (datasets' buffered shuffle) with this seed; for ordered local
 shuffle_buffer = 10000  # corpora (e.g. plays file by file), so that val and train mix everything. FineWeb is shuffled.
 encoding = "gpt2"  # tiktoken encoding name (r50k_base has the same vocabulary as gpt2)
@@ -57,6 +70,8 @@ chunksize = 16  # documents per task sent to a worker
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 STATE_FILE = "prepare_state.json"
+MANIFEST_FILE = "manifest.json"
+TEXT_SPLITS = ("document", "paragraph", "line")  # the sample_by values of the `datasets` text builder
 
 
 def shard_path(out_dir, index, prefix="fineweb"):
@@ -65,17 +80,19 @@ def shard_path(out_dir, index, prefix="fineweb"):
 
 
 def write_shard(path, tokens):
-    """Write one llm.c shard atomically: 256 x int32 header (magic, version, count, zeros) + uint16 tokens."""
+    """Write one llm.c shard atomically: 256 x int32 header (magic, version, count, zeros) + uint16 tokens.
+    Returns the sha256 of the file's bytes (for the state and the manifest, without reading it back)."""
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
         raise ValueError(f"token ids must fit uint16 (0..65535), got range {tokens.min()}..{tokens.max()}")
     header = np.zeros(SHARD_HEADER_INTS, dtype=np.int32)
     header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
+    data = header.tobytes() + tokens.astype(np.uint16).tobytes()
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype(np.uint16).tobytes())
+        f.write(data)
     os.replace(tmp, path)
+    return hashlib.sha256(data).hexdigest()
 
 
 def read_shard(path):
@@ -97,7 +114,7 @@ def read_shard(path):
 def stray_shards(out_dir, prefix, keep):
     """Shard files in out_dir with this prefix that are not among the first `keep` shards of this run."""
     wanted = {shard_path(out_dir, i, prefix) for i in range(keep)}
-    found = glob.glob(os.path.join(out_dir, f"{prefix}_val_*.bin")) + glob.glob(os.path.join(out_dir, f"{prefix}_train_*.bin"))
+    found = [p for kind in ("val", "train") for p in glob.glob(os.path.join(out_dir, f"{prefix}_{kind}_*.bin"))]
     return sorted(p for p in found if p not in wanted)
 
 
@@ -110,24 +127,86 @@ def remove_shards(paths, why):
         os.remove(p)
 
 
-def shard_complete(path, expected_tokens):
-    """True if `path` is a valid shard holding exactly `expected_tokens` tokens."""
+def file_sha256(path):
+    """sha256 hex digest of a file's bytes, read in 1 MB blocks; None if it cannot be read."""
+    h = hashlib.sha256()
     try:
-        return len(read_shard(path)) == expected_tokens
-    except (OSError, ValueError):
-        return False
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def setting_errors(dataset, input, text_field, txt_sample_by, shuffle_seed, shuffle_buffer, encoding, out_dir,
+                   prefix, shard_size, num_tokens, num_proc, chunksize):
+    """One line per bad setting (name, value, what it must be), checked before any work: `datasets` reads an
+    unknown sample_by as "no documents" and a pool rejects chunksize 0 only once tokenizing has begun."""
+    import tiktoken
+    errors = []
+    if isinstance(encoding, str) and encoding not in tiktoken.list_encoding_names():
+        errors.append(f"--encoding={encoding!r}: choose one of {', '.join(tiktoken.list_encoding_names())}")
+    if txt_sample_by not in TEXT_SPLITS:
+        errors.append(f"--txt_sample_by={txt_sample_by!r}: choose document (one document per file), paragraph "
+                      f"(text between blank lines) or line")
+    for name, value, least, what in (("shard_size", shard_size, 1, "a count of tokens"),
+                                     ("num_tokens", num_tokens, 0, "a count of tokens; 0 = no cap"),
+                                     ("num_proc", num_proc, 1, "tokenizer processes"),
+                                     ("chunksize", chunksize, 1, "documents per task"),
+                                     ("shuffle_buffer", shuffle_buffer, 1, "documents"),
+                                     ("shuffle_seed", shuffle_seed, -1, "-1 = no shuffle")):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer() \
+                or value < least:
+            errors.append(f"--{name}={value!r}: must be a whole number >= {least} ({what})")
+    for name, value in (("text_field", text_field), ("out_dir", out_dir), ("prefix", prefix)) + \
+            ((("dataset", dataset),) if not input else ()):
+        if not value:
+            errors.append(f"--{name}={value!r}: must not be empty")
+    if "/" in prefix or os.sep in prefix:
+        errors.append(f"--prefix={prefix!r}: a file name prefix, not a path; put the directory in --out_dir")
+    return errors
 
 
 # -- documents ----------------------------------------------------------------
 
-LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+LOCAL_BUILDERS = {".txt": "text", ".py": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def package_version(name):
+    """The installed version of the distribution that provides the import package `name`, or None."""
+    for dist in [name] + importlib.metadata.packages_distributions().get(name, []):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return None
+
+
+def resolve_input(pattern):
+    """(absolute glob, base directory, package) for --input. NAME:GLOB globs inside the directory of the
+    installed package NAME, wherever this machine keeps it, and package = its name and version; a plain glob
+    has package None. The base (the glob's leading directories without wildcards) names the inputs in the
+    manifest, so two machines with the same files record the same names."""
+    name, colon, rest = pattern.partition(":")
+    if colon and len(name) > 1 and name.isidentifier():  # len > 1: never a Windows drive letter
+        spec = importlib.util.find_spec(name)  # finds a top-level package without importing it
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"--input={pattern!r}: no installed package {name!r} (NAME:GLOB globs inside "
+                                    f"package NAME); install it, or give a plain glob")
+        base = os.path.abspath(list(spec.submodule_search_locations)[0])
+        return os.path.join(base, rest.lstrip("/")), base, dict(name=name, version=package_version(name), dir=base)
+    pattern = os.path.abspath(os.path.expanduser(pattern))
+    parts = pattern.split(os.sep)
+    fixed = next((i for i, p in enumerate(parts) if glob.has_magic(p)), len(parts) - 1)
+    return pattern, os.sep.join(parts[:fixed]) or os.sep, None
 
 
 def local_files(pattern):
-    """Files matching the glob and the `datasets` builder that reads them; clear errors otherwise."""
+    """Files matching the glob (sorted paths, `**` at any depth) and the `datasets` builder that reads them."""
     files = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
     if not files:
-        raise FileNotFoundError(f"--input={pattern!r} matches no files; give a glob of .txt, .jsonl, .json or "
+        raise FileNotFoundError(f"--input={pattern!r} matches no files; give a glob of .txt, .py, .jsonl, .json or "
                                 ".parquet files, e.g. --input='../shared/data/shakespeare/*.txt'")
     kinds = {os.path.splitext(f)[1].lower() for f in files}
     unknown = kinds - set(LOCAL_BUILDERS)
@@ -140,16 +219,42 @@ def local_files(pattern):
     return files, builders.pop()
 
 
-def load_documents(dataset, dataset_config, split, input, text_field, txt_sample_by, shuffle_seed=-1,
+def input_record(path, base, utf8):
+    """The manifest's entry for one input file: name (relative to base), size and sha256. With utf8, also
+    checks that the file decodes as UTF-8 (as `datasets` reads text and json), because `datasets` stops in
+    the middle of a run without naming the file: here the error names the file, the byte and the line."""
+    h, decoder, offset, lines = hashlib.sha256(), codecs.getincrementaldecoder("utf-8")(), 0, 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            if utf8:
+                pending = len(decoder.getstate()[0])  # bytes of a character split between two blocks
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as e:
+                    line = lines + e.object.count(b"\n", 0, e.start) + 1
+                    raise ValueError(f"{path} is not UTF-8 text: byte {e.object[e.start]:#04x} at byte "
+                                     f"{offset - pending + e.start}, line {line}; convert it (e.g. iconv -f latin1 "
+                                     f"-t utf-8) or leave it out of --input") from None
+                lines += block.count(b"\n")
+            offset += len(block)
+    if utf8 and decoder.getstate()[0]:
+        raise ValueError(f"{path} is not UTF-8 text: it ends inside a character (byte {offset}); convert it "
+                         f"(e.g. iconv -f latin1 -t utf-8) or leave it out of --input")
+    return dict(name=os.path.relpath(path, base), bytes=offset, sha256=h.hexdigest())
+
+
+def load_documents(dataset, dataset_config, split, files, text_field, txt_sample_by, shuffle_seed=-1,
                    shuffle_buffer=10000):
-    """A streaming `datasets` IterableDataset of documents: the hub dataset, or local files through the
-    same builder machinery (text / json / parquet). Its examples carry the text in `text_field`.
-    shuffle_seed >= 0 shuffles them (deterministically, so a rerun can skip finished documents)."""
+    """A streaming `datasets` IterableDataset of documents: the hub dataset, or the local `files` (of one
+    kind, see local_files) through the same builder machinery (text / json / parquet). Its examples carry
+    the text in `text_field`. shuffle_seed >= 0 shuffles them (deterministically, so a rerun can skip
+    finished documents)."""
     import datasets
-    if input:
-        files, builder = local_files(input)
+    if files:
+        builder = LOCAL_BUILDERS[os.path.splitext(files[0])[1].lower()]
         kwargs = dict(sample_by=txt_sample_by) if builder == "text" else {}
-        docs = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+        docs = datasets.load_dataset(builder, data_files=list(files), split="train", streaming=True, **kwargs)
     else:
         try:
             docs = datasets.load_dataset(dataset, name=dataset_config or None, split=split, streaming=True)
@@ -183,17 +288,23 @@ def get_encoding(enc):
     if not isinstance(enc, str):
         return enc
     if enc not in tiktoken.list_encoding_names():
-        raise ValueError(f"--encoding={enc!r} is not a tiktoken encoding; choose one of {tiktoken.list_encoding_names()}")
+        raise ValueError(f"--encoding={enc!r} is not a tiktoken encoding; "
+                         f"choose one of {tiktoken.list_encoding_names()}")
     try:
         return tiktoken.get_encoding(enc)
     except Exception as e:  # requests' ConnectionError/ProxyError, a blocked download, a corrupt cache, ...
         raise ConnectionError(f"could not load the tiktoken encoding {enc!r} ({type(e).__name__}: {str(e)[:200]}). "
                               "tiktoken downloads its BPE files on first use; without network, copy the cache "
-                              "directory of a machine that has them and set TIKTOKEN_CACHE_DIR=that directory") from None
+                              "directory of a machine that has them and set TIKTOKEN_CACHE_DIR=that "
+                              "directory") from None
 
 
 def _init_worker(enc):
+    """Load the encoding in a pool worker. Ctrl-C reaches the whole process group: the workers ignore it and
+    the main process stops them, so a Ctrl-C prints one message, not a traceback per worker."""
     global _encoder
+    if mp.current_process().name != "MainProcess":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _encoder = get_encoding(enc)
 
 
@@ -205,66 +316,94 @@ def tokenize(text):
 
 # -- the driver --------------------------------------------------------------------
 
-def load_state(out_dir, settings):
+def load_state(out_dir, settings, inputs):
     """(finished shards, whether the whole run had finished, whether a state file exists). Each shard
-    entry records its token count and the resume point after it: documents fully consumed, tokens of
-    the next document already used. Only a prefix of shards that still exist and are valid counts;
-    other settings -> start over."""
+    entry records its token count, its sha256 and the resume point after it: documents fully consumed,
+    tokens of the next document already used. Only a prefix of shards that still exist unaltered counts;
+    other settings or other input files -> start over."""
     path = os.path.join(out_dir, STATE_FILE)
     if not os.path.exists(path):
         return [], False, False
     with open(path) as f:
         state = json.load(f)
     if state.get("settings") != settings:
-        print(f"{path} was written with other settings; tokenizing from the start")
+        old, new = ({i["name"]: i for i in s} for s in (state.get("inputs", []), inputs))
+        changed = sorted(n for n in old.keys() | new.keys() if old.get(n) != new.get(n))
+        why = identity_diff(state.get("settings", {}), settings, may_differ=("inputs_sha256",))
+        why += [f"{len(changed)} input file(s) changed, added or removed: {', '.join(changed[:5])}"
+                f"{', ...' if len(changed) > 5 else ''}"] if changed else []
+        print(f"{path} was written with other settings or inputs ({'; '.join(why)}); tokenizing from the start")
         return [], False, True
     done = []
     for i, entry in enumerate(state["shards"]):
-        if not shard_complete(shard_path(out_dir, i, settings["prefix"]), entry["tokens"]):
+        if file_sha256(shard_path(out_dir, i, settings["prefix"])) != entry["sha256"]:
             break
         done.append(entry)
     return done, state["complete"] and len(done) == len(state["shards"]), True
 
 
-def save_state(out_dir, settings, shards, complete=False):
-    atomic_write_json(dict(settings=settings, shards=shards, complete=complete), os.path.join(out_dir, STATE_FILE))
+def save_state(out_dir, settings, inputs, shards, complete=False):
+    atomic_write_json(dict(settings=settings, inputs=inputs, shards=shards, complete=complete),
+                      os.path.join(out_dir, STATE_FILE))
+
+
+def write_manifest(out_dir, settings, input, base, package, inputs, shards):
+    """The provenance record of a finished run (the module docstring lists what it holds)."""
+    atomic_write_json(dict(settings=settings, input=input, input_base=base, package=package, inputs=inputs,
+                           shards=[dict(name=os.path.basename(shard_path(out_dir, i, settings["prefix"])),
+                                        tokens=s["tokens"], sha256=s["sha256"]) for i, s in enumerate(shards)],
+                           tokens=sum(s["tokens"] for s in shards), documents=shards[-1]["docs"]),
+                      os.path.join(out_dir, MANIFEST_FILE))
 
 
 def prepare(dataset=dataset, dataset_config=dataset_config, split=split, input=input, text_field=text_field,
-            txt_sample_by=txt_sample_by, shuffle_seed=shuffle_seed, shuffle_buffer=shuffle_buffer, encoding=encoding, out_dir=out_dir, prefix=prefix, shard_size=shard_size,
-            num_tokens=num_tokens, num_proc=num_proc, chunksize=chunksize):
+            txt_sample_by=txt_sample_by, shuffle_seed=shuffle_seed, shuffle_buffer=shuffle_buffer,
+            encoding=encoding, out_dir=out_dir, prefix=prefix, shard_size=shard_size, num_tokens=num_tokens,
+            num_proc=num_proc, chunksize=chunksize):
     """Tokenize the documents into shards under out_dir; returns the list of shard paths.
-    `encoding` is a tiktoken name or Encoding object."""
+    `encoding` is a tiktoken name or Encoding object. Every setting and input file is checked before
+    out_dir is touched; a Ctrl-C raises KeyboardInterrupt saying what was kept."""
+    errors = setting_errors(dataset, input, text_field, txt_sample_by, shuffle_seed, shuffle_buffer, encoding, out_dir,
+                            prefix, shard_size, num_tokens, num_proc, chunksize)
+    if errors:
+        raise ValueError("\n".join(errors))
+    shard_size, num_tokens = int(shard_size), int(num_tokens)
+    files, base, package, inputs = [], None, None, []
+    if input:
+        pattern, base, package = resolve_input(input)
+        files, builder = local_files(pattern)
+        inputs = [input_record(f, base, utf8=builder != "parquet") for f in files]
     enc = get_encoding(encoding)
     if enc.n_vocab > 2**16:
         raise ValueError(f"encoding {enc.name!r} has {enc.n_vocab} tokens; uint16 shards hold at most 65536")
-    for name, value, least in (("shard_size", shard_size, 1), ("num_tokens", num_tokens, 0)):
-        if isinstance(value, bool) or not float(value).is_integer() or value < least:
-            raise ValueError(f"--{name}={value}: must be a whole number >= {least} (a count of tokens)")
-    shard_size, num_tokens = int(shard_size), int(num_tokens)
-    os.makedirs(out_dir, exist_ok=True)
-    settings = dict(source=os.path.abspath(os.path.expanduser(input)) if input else f"{dataset}/{dataset_config}/{split}",
+    settings = dict(source=pattern if input else f"{dataset}/{dataset_config}/{split}",
                     text_field=text_field, txt_sample_by=txt_sample_by, shuffle_seed=shuffle_seed,
                     shuffle_buffer=shuffle_buffer, encoding=enc.name, n_vocab=enc.n_vocab,
-                    shard_size=shard_size, num_tokens=num_tokens, prefix=prefix)
-    shards, complete, had_state = load_state(out_dir, settings)
+                    shard_size=shard_size, num_tokens=num_tokens, prefix=prefix,
+                    inputs_sha256=hashlib.sha256(json.dumps(inputs).encode()).hexdigest())
+    os.makedirs(out_dir, exist_ok=True)
+    shards, complete, had_state = load_state(out_dir, settings, inputs)
     if not shards:  # a fresh start: shards already here must not end up next to ours
         stray = stray_shards(out_dir, prefix, keep=0)
         if stray and not had_state:
             raise ValueError(f"{out_dir} holds {len(stray)} {prefix}_*.bin shard(s) but no {STATE_FILE}, so they are "
                              f"not from this script's runs; delete them or choose another --out_dir (refusing to "
                              f"mix them with new shards)")
-        remove_shards(stray, "of an earlier run with other settings")
+        remove_shards(stray, "of an earlier run with other settings or inputs")
     if complete:
         print(f"{out_dir}: all {len(shards)} shards already written; nothing to do")
         remove_shards(stray_shards(out_dir, prefix, len(shards)), "beyond the end of this run (left by an earlier run)")
+        write_manifest(out_dir, settings, input, base, package, inputs, shards)
         return [shard_path(out_dir, i, prefix) for i in range(len(shards))]
+    if os.path.exists(os.path.join(out_dir, MANIFEST_FILE)):  # it would describe shards about to be rewritten
+        os.remove(os.path.join(out_dir, MANIFEST_FILE))
     written = sum(s["tokens"] for s in shards)
     docs_done, carry = (shards[-1]["docs"], shards[-1]["carry"]) if shards else (0, 0)
     if shards:
         print(f"{out_dir}: {len(shards)} finished shard(s) found ({written:,} tokens); resuming after them")
 
-    docs = load_documents(dataset, dataset_config, split, input, text_field, txt_sample_by, shuffle_seed, shuffle_buffer)
+    docs = load_documents(dataset, dataset_config, split, files, text_field, txt_sample_by, shuffle_seed,
+                          shuffle_buffer)
     texts = document_texts(docs, text_field, skip=docs_done)
     buf = np.empty(shard_size, dtype=np.uint16)
     fill = 0
@@ -278,9 +417,9 @@ def prepare(dataset=dataset, dataset_config=dataset_config, split=split, input=i
     def flush(next_docs, next_carry):
         """Write the buffer as the next shard; (next_docs, next_carry) is where the stream resumes."""
         nonlocal fill, written
-        write_shard(shard_path(out_dir, len(shards), prefix), buf[:fill])
-        shards.append(dict(tokens=fill, docs=next_docs, carry=next_carry))
-        save_state(out_dir, settings, shards)
+        sha256 = write_shard(shard_path(out_dir, len(shards), prefix), buf[:fill])
+        shards.append(dict(tokens=fill, docs=next_docs, carry=next_carry, sha256=sha256))
+        save_state(out_dir, settings, inputs, shards)
         written += fill
         fill = 0
 
@@ -303,11 +442,21 @@ def prepare(dataset=dataset, dataset_config=dataset_config, split=split, input=i
                 break
         if fill:
             flush(doc_index, 0)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{len(shards)} finished shard(s) ({written:,} tokens) kept in {out_dir}") from None
     finally:
         bar.close()
         if pool:
             pool.terminate()
-    save_state(out_dir, settings, shards, complete=True)
+    if not shards:
+        names = [i["name"] for i in inputs]
+        source = f"--input={input!r} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if input \
+            else f"--dataset={dataset!r}"
+        raise ValueError(f"{source} gave no documents, so 0 tokens were written; check that the files hold text, "
+                         f"and with --txt_sample_by={txt_sample_by} (paragraph: text between blank lines) try "
+                         f"--txt_sample_by=document")
+    save_state(out_dir, settings, inputs, shards, complete=True)
+    write_manifest(out_dir, settings, input, base, package, inputs, shards)
     remove_shards(stray_shards(out_dir, prefix, len(shards)), "beyond the end of this run (left by an earlier run)")
     if len(shards) < 2:
         print(f"warning: only a validation shard was written ({written:,} tokens <= shard_size={shard_size:,}); "
@@ -403,9 +552,14 @@ def atomic_write_json(obj, path):
 
 if __name__ == "__main__":
     CONFIG = dict(dataset=dataset, dataset_config=dataset_config, split=split, input=input, text_field=text_field,
-                  txt_sample_by=txt_sample_by, shuffle_seed=shuffle_seed, shuffle_buffer=shuffle_buffer, encoding=encoding, out_dir=out_dir, prefix=prefix,
-                  shard_size=shard_size, num_tokens=num_tokens, num_proc=num_proc, chunksize=chunksize)
+                  txt_sample_by=txt_sample_by, shuffle_seed=shuffle_seed, shuffle_buffer=shuffle_buffer,
+                  encoding=encoding, out_dir=out_dir, prefix=prefix, shard_size=shard_size, num_tokens=num_tokens,
+                  num_proc=num_proc, chunksize=chunksize)
     try:
         prepare(**parse_overrides(sys.argv[1:], CONFIG))
     except (FileNotFoundError, ValueError, KeyError, ConnectionError) as e:
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt as e:  # finished shards are complete files and the state says where they end
+        print(f"\nstopped by Ctrl-C: {e or 'no shard written yet'}; run the same command again to resume after "
+              f"them", file=sys.stderr)
+        raise SystemExit(130)

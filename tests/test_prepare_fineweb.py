@@ -1,5 +1,6 @@
 """Tests for prepare_fineweb.py: shard format, local txt/jsonl/parquet through `datasets`, the token cap,
 atomic/resumable shards. Uses a small tiktoken Encoding built here (no download, no ../shared)."""
+import inspect
 import json
 import os
 import subprocess
@@ -213,3 +214,211 @@ def test_no_network_for_the_hub_names_input_and_the_hf_cache(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(ConnectionError, match="--input=.*HF_HOME.*HF_HUB_OFFLINE=1"):
         pf.load_documents("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", "", "text", "document")
+
+
+# -- issue 18: the manifest, reruns after the inputs changed, clear errors, Ctrl-C, validation -------------
+
+def sha256_of(path):
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def stream_of(out):
+    return np.concatenate(read_all(out)[1])
+
+
+def test_rerun_after_an_input_file_changed_rewrites_the_shards(tmp_path, capsys):
+    enc = tiny_encoding()
+    pattern, _ = write_inputs(tmp_path, "txt")
+    out = str(tmp_path / "out")
+    pf.prepare(input=pattern, encoding=enc, out_dir=out, shard_size=40, num_proc=1)
+    assert np.array_equal(stream_of(out), expected_stream(enc, DOCS))
+    changed = DOCS[:2] + ["Now is the winter of our discontent."] + DOCS[3:]
+    (tmp_path / "in_txt" / "02.txt").write_text(changed[2])  # same glob, same file names, other text
+    capsys.readouterr()
+    pf.prepare(input=pattern, encoding=enc, out_dir=out, shard_size=40, num_proc=1)
+    assert "nothing to do" not in capsys.readouterr().out
+    assert np.array_equal(stream_of(out), expected_stream(enc, changed))
+    # equal settings and inputs: reused, files untouched
+    paths = read_all(out)[0]
+    mtimes = [os.stat(p).st_mtime_ns for p in paths]
+    pf.prepare(input=pattern, encoding=enc, out_dir=out, shard_size=40, num_proc=1)
+    assert "nothing to do" in capsys.readouterr().out and [os.stat(p).st_mtime_ns for p in paths] == mtimes
+    # a shard altered on disk (same token count) is not reused either
+    tokens = np.array(pf.read_shard(paths[1]))
+    pf.write_shard(paths[1], tokens[::-1])
+    pf.prepare(input=pattern, encoding=enc, out_dir=out, shard_size=40, num_proc=1)
+    assert np.array_equal(stream_of(out), expected_stream(enc, changed))
+
+
+def test_manifest_records_settings_inputs_and_shards(tmp_path):
+    enc = tiny_encoding()
+    pattern, _ = write_inputs(tmp_path, "txt")
+    out = str(tmp_path / "out")
+    paths = pf.prepare(input=pattern, encoding=enc, out_dir=out, shard_size=40, num_proc=1)
+    with open(os.path.join(out, "manifest.json")) as f:
+        manifest = json.load(f)
+    assert manifest["settings"]["shard_size"] == 40 and manifest["settings"]["encoding"] == "tiny_test"
+    files = sorted((tmp_path / "in_txt").iterdir())
+    assert manifest["inputs"] == [dict(name=p.name, bytes=p.stat().st_size, sha256=sha256_of(p)) for p in files]
+    assert manifest["shards"] == [dict(name=os.path.basename(p), tokens=len(pf.read_shard(p)), sha256=sha256_of(p))
+                                  for p in paths]
+    assert manifest["tokens"] == len(expected_stream(enc, DOCS))
+    assert not [f for f in os.listdir(out) if ".tmp" in f]  # written atomically
+
+
+def test_txt_sample_by_paragraph_splits_at_blank_lines(tmp_path):
+    enc = tiny_encoding()
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.txt").write_text("First paragraph,\nstill the first.\n\nSecond one.\n\nThird.\n")
+    out = str(tmp_path / "out")
+    pf.prepare(input=str(d / "*.txt"), txt_sample_by="paragraph", encoding=enc, out_dir=out, num_proc=1)
+    paragraphs = ["First paragraph,\nstill the first.", "Second one.", "Third.\n"]
+    assert np.array_equal(stream_of(out), expected_stream(enc, paragraphs))
+
+
+def test_txt_sample_by_paragraphs_is_an_error_not_zero_tokens(tmp_path):
+    pattern, _ = write_inputs(tmp_path, "txt")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="--txt_sample_by='paragraphs'.*document.*paragraph.*line"):
+        pf.prepare(input=pattern, txt_sample_by="paragraphs", encoding=tiny_encoding(), out_dir=str(out), num_proc=1)
+    assert not out.exists()  # checked before any work
+
+
+def test_zero_tokens_is_an_error_naming_the_input_and_the_fix(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "blank.txt").write_text("\n\n\n\n")  # no paragraph in it
+    pattern = str(d / "*.txt")
+    with pytest.raises(ValueError, match=r"blank\.txt.*0 tokens.*--txt_sample_by=document"):
+        pf.prepare(input=pattern, txt_sample_by="paragraph", encoding=tiny_encoding(), out_dir=str(tmp_path / "o"),
+                   num_proc=1)
+    assert not [f for f in os.listdir(tmp_path / "o") if f.endswith(".bin") or f == "manifest.json"]
+
+
+def test_non_utf8_input_names_the_file_the_position_and_the_fix(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.txt").write_text("fine text\n")
+    (d / "b.txt").write_bytes("line one\nline two\n".encode() + b"caf\xe9 au lait\n")
+    with pytest.raises(ValueError) as err:
+        pf.prepare(input=str(d / "*.txt"), encoding=tiny_encoding(), out_dir=str(tmp_path / "o"), num_proc=1)
+    message = str(err.value)
+    assert "b.txt" in message and "line 3" in message and "byte 21" in message and "UTF-8" in message, message
+    assert "iconv" in message and "\n" not in message
+
+
+CTRL_C_SCRIPT = r"""
+import os, runpy, signal, sys, time
+import tiktoken, tqdm
+GPT2_PATTERN = {pattern!r}
+{tiny_encoding}
+names = tiktoken.list_encoding_names()
+tiktoken.list_encoding_names = lambda: names + ["tiny_test"]
+tiktoken.get_encoding = lambda name: tiny_encoding()
+
+
+class CtrlCAfter(tqdm.tqdm):  # the user presses Ctrl-C (SIGINT to the process group) after `stop` tokens
+    def update(self, n=1):
+        super().update(n)
+        if self.n >= {stop}:
+            os.killpg(0, signal.SIGINT)
+            time.sleep(30)
+
+
+tqdm.tqdm = CtrlCAfter
+sys.argv = ["prepare_fineweb.py"] + {args!r}
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_ctrl_c_stops_cleanly_keeps_the_shards_and_a_rerun_resumes(tmp_path):
+    enc = tiny_encoding()
+    d = tmp_path / "in"
+    d.mkdir()
+    docs = [f"Document {i}: " + "the " * (i % 7) + "end." for i in range(60)]
+    for i, doc in enumerate(docs):
+        (d / f"{i:03d}.txt").write_text(doc)
+    out = tmp_path / "out"
+    args = [f"--input={d / '*.txt'}", "--encoding=tiny_test", f"--out_dir={out}", "--shard_size=50",
+            "--num_proc=2", "--chunksize=1"]
+    script = CTRL_C_SCRIPT.format(pattern=GPT2_PATTERN, tiny_encoding=inspect.getsource(tiny_encoding), stop=120,
+                                  args=args, script=os.path.join(ROOT, "prepare_fineweb.py"))
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    assert r.returncode == 130 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-3000:])
+    assert "run the same command again" in r.stderr, r.stderr[-2000:]
+    kept = sorted(f for f in os.listdir(out) if f.endswith(".bin"))
+    assert len(kept) == 2  # 100 tokens written when the 120th was reached: shards 0 and 1
+    mtimes = {f: os.stat(out / f).st_mtime_ns for f in kept}
+    pf.prepare(input=str(d / "*.txt"), encoding=enc, out_dir=str(out), shard_size=50, num_proc=1)
+    assert {f: os.stat(out / f).st_mtime_ns for f in kept} == mtimes  # resumed after them
+    assert np.array_equal(stream_of(str(out)), expected_stream(enc, docs))
+
+
+BAD_SETTINGS = [("txt_sample_by", "lines"), ("shard_size", 0), ("shard_size", -5), ("num_tokens", -1),
+                ("num_proc", 0), ("chunksize", 0), ("shuffle_buffer", 0), ("shuffle_seed", -2), ("text_field", ""),
+                ("prefix", ""), ("prefix", "a/b"), ("out_dir", ""), ("encoding", "gtp2")]
+
+
+@pytest.mark.parametrize("name,value", BAD_SETTINGS)
+def test_every_setting_is_validated_before_work_starts(tmp_path, name, value):
+    pattern, _ = write_inputs(tmp_path, "txt")
+    out = tmp_path / "out"
+    settings = dict(input=pattern, encoding=tiny_encoding(), out_dir=str(out), num_proc=1)
+    settings[name] = value
+    with pytest.raises(ValueError, match=f"--{name}={value!r}: "):
+        pf.prepare(**settings)
+    assert not out.exists()
+
+
+def test_cli_names_each_bad_setting_on_its_own_line_and_help_lists_every_setting(tmp_path):
+    r = subprocess.run([sys.executable, "prepare_fineweb.py", "--txt_sample_by=paragraphs", "--shard_size=0",
+                        "--chunksize=0", f"--out_dir={tmp_path / 'o'}", f"--input={tmp_path / '*.txt'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert [line.removeprefix("error: ").split("=")[0] for line in lines] == \
+        ["--txt_sample_by", "--shard_size", "--chunksize"], lines
+    assert not (tmp_path / "o").exists()
+    r = subprocess.run([sys.executable, "prepare_fineweb.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    for name in ("input", "txt_sample_by", "shard_size", "num_tokens", "num_proc", "chunksize", "out_dir"):
+        assert f"--{name}=" in r.stdout
+
+
+# -- issue 20 item 2: a corpus from an installed package's source, split by subpackage -----------------------
+
+def test_package_input_records_its_version_and_the_subpackage_split_is_disjoint(tmp_path, monkeypatch):
+    enc = tiny_encoding()
+    site = tmp_path / "site"
+    files = {"__init__.py": "from . import pub\n", "top.py": "X = 1\n", "_priv/__init__.py": "",
+             "_priv/a.py": "def f():\n    return 2\n", "_priv/sub/b.py": "class B:\n    pass\n",
+             "_cache/c.py": "Y = [3]\n", "pub/d.py": "import os\n", "pub/sub/e.py": "print('e')\n",
+             "util/f.py": "Z = {}\n", "util/notes.txt": "not python\n"}
+    for name, text in files.items():
+        (site / "fakepkg_q" / name).parent.mkdir(parents=True, exist_ok=True)
+        (site / "fakepkg_q" / name).write_text(text)
+    (site / "fakepkg_q-1.2.3.dist-info").mkdir()
+    (site / "fakepkg_q-1.2.3.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: fakepkg_q\n"
+                                                                 "Version: 1.2.3\n")
+    monkeypatch.syspath_prepend(str(site))
+    parts = {}
+    for part, pattern in (("tune", "fakepkg_q:_*/**/*.py"), ("report", "fakepkg_q:[!_]*/**/*.py")):
+        out = str(tmp_path / part)
+        pf.prepare(input=pattern, encoding=enc, out_dir=out, shard_size=10**6, num_proc=1)
+        with open(os.path.join(out, "manifest.json")) as f:
+            manifest = json.load(f)
+        assert manifest["package"] == dict(name="fakepkg_q", version="1.2.3", dir=str(site / "fakepkg_q"))
+        assert manifest["input"] == pattern
+        names = [i["name"] for i in manifest["inputs"]]
+        assert names == sorted(names)  # the deterministic file order: sorted relative paths
+        assert np.array_equal(stream_of(out), expected_stream(enc, [files[n] for n in names]))
+        parts[part] = names
+    assert parts["tune"] == ["_cache/c.py", "_priv/__init__.py", "_priv/a.py", "_priv/sub/b.py"]
+    assert parts["report"] == ["pub/d.py", "pub/sub/e.py", "util/f.py"]  # the package's own top-level files: neither
+    subpackages = [{n.split("/")[0] for n in parts[p]} for p in ("tune", "report")]
+    assert not subpackages[0] & subpackages[1]
