@@ -9,13 +9,13 @@ with Adam or with Muon while every weight vector stays on its unit hypersphere.
     python train_ngpt.py --stop_after_steps=500            # checkpoint and exit; --resume=True continues exactly
     python train_ngpt.py --wandb_log=True                  # also log metrics.json's numbers to Weights & Biases
 
-Every constant below can be overridden as --name=value (flags: True/False, lists: comma-separated).
-The model lives in this file; the sphere-respecting updates ('project', 'geodesic',
+Every constant below can be overridden as --name=value (flags: True/False, lists: comma-separated;
+--help lists them). The model lives in this file; the sphere-respecting updates ('project', 'geodesic',
 'geodesic_scaled', lazy projection every k steps) are per-group options of muon_optim.Muon, so they
 work for Muon and Adam groups alike. Data: llm.c / modded-nanogpt token shards (256 x int32 header:
 magic 20240520, version 1, token count; then uint16 tokens), e.g. written by prepare_fineweb.py.
-A sweep reuses a finished run (of any sweep under out_dir) only if every setting that can change it
-and the source_hash (of this file and muon_optim.py) match; metrics.json records both.
+metrics.json and ckpt.pt record the run's identity (settings, code, data; see NOT_RUN_SETTINGS): a sweep
+reuses a finished run, and --resume=True continues a checkpoint, only when it matches (see RESUMABLE).
 """
 import glob
 import hashlib
@@ -79,7 +79,7 @@ eval_tokens = 10 * 65536  # a fixed slice from the start of the val shard
 ckpt_every = 1000  # 0 = only at the end and on Ctrl-C
 stop_after_steps = 0  # > 0: train at most this many steps per invocation, checkpoint, exit; --resume=True continues
 save_checkpoint = True  # False: no ckpt.pt (the sweeps)
-resume = False  # continue from out_dir/ckpt.pt (same settings required)
+resume = False  # continue from out_dir/ckpt.pt (its run identity required, except the RESUMABLE settings)
 out_dir = "out/ngpt"
 wandb_log = False  # True: also log the metrics.json numbers to wandb (pip install wandb)
 wandb_project = "muon-lab"
@@ -98,14 +98,28 @@ sweep_proj_every = "1,3,5,7,10,15,20"
 # -----------------------------------------------------------------------------
 CONFIG = {k: v for k, v in dict(globals()).items()
           if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str))}
-# settings that only say where, how fast or how often to save: every other constant is part of a run's
-# settings (what a finished run is matched on, and what --resume=True requires to be unchanged);
-# an Adam run ignores the Muon knobs and a Muon run the Adam baseline's, so sweeps share those runs
-NOT_RUN_SETTINGS = ("out_dir", "resume", "save_checkpoint", "ckpt_every", "stop_after_steps", "device", "compile",
-                    "threads", "wandb_log", "wandb_project", "wandb_run_name", "sweep", "sweep_optimizers",
-                    "sweep_lrs_muon", "sweep_lrs_adam", "sweep_proj_every")
-MUON_ONLY = ("lr_muon", "momentum_muon", "ns_method", "normuon", "weight_decay_muon", "lr_embed", "lr_head", "lr_scalar")
+# settings that only say where the data and the run are, how fast it runs, how often it saves, which
+# sweep: every other constant is part of a run's identity (device and compile enter resolved; the data
+# enter as the fingerprint of the shards read). An Adam run ignores the Muon knobs and a Muon run the
+# Adam baseline's, so sweeps share those runs
+NOT_RUN_SETTINGS = ("data_dir", "train_files", "val_files", "out_dir", "resume", "save_checkpoint", "ckpt_every",
+                    "stop_after_steps", "device", "compile", "threads", "wandb_log", "wandb_project", "wandb_run_name",
+                    "sweep", "sweep_optimizers", "sweep_lrs_muon", "sweep_lrs_adam", "sweep_proj_every")
+MUON_ONLY = ("lr_muon", "momentum_muon", "ns_method", "normuon", "weight_decay_muon", "lr_embed", "lr_head",
+             "lr_scalar")
 ADAM_ONLY = ("lr_adam", "weight_decay")
+# what --resume=True may change, all else in the identity must match: the resumed run computes the same
+# numbers (the shards may move if their fingerprint matches; eval_every changes only which steps are
+# evaluated, compile only the float rounding on CUDA)
+RESUMABLE = ("eval_every", "ckpt_every", "stop_after_steps", "save_checkpoint", "out_dir", "data_dir", "train_files",
+             "val_files", "threads", "compile", "wandb_log", "wandb_project", "wandb_run_name")
+AT_LEAST_1 = ("n_layer", "n_head", "n_embd", "block_size", "mlp_ratio", "batch_size", "grad_accum_steps", "max_steps",
+              "eval_every", "eval_tokens", "proj_every", "vocab_size")
+AT_LEAST_0 = ("ckpt_every", "stop_after_steps", "threads", "lr_muon", "lr_embed", "lr_head", "lr_scalar", "lr_adam",
+              "weight_decay_muon", "weight_decay")
+CHOICES = dict(optimizer=("muon", "adam"), sphere=("project", "geodesic", "geodesic_scaled"),
+               ns_method=("newton_schulz", "polar_express", "gram_newton_schulz"),
+               sweep=("", "lr", "proj_every", "update", "toggles"))
 SOURCE_FILES = (os.path.abspath(__file__), muon_optim.__file__)  # the code a run executes
 
 # -----------------------------------------------------------------------------
@@ -262,41 +276,75 @@ def read_shard(path):
                          f"{os.path.getsize(path)} bytes; the shard is truncated, rewrite it")
     return np.memmap(path, dtype=np.uint16, mode="r", offset=SHARD_HEADER_INTS * 4, shape=(n,))
 
+
 SOURCE_HASH = source_hash(*SOURCE_FILES)
 
+
+# -----------------------------------------------------------------------------
+# Settings: checked before anything runs; a run's identity
 
 def parse_list(text, kind, name):
     try:
         return [kind(t) for t in str(text).split(",") if t.strip()]
     except ValueError:
-        raise SystemExit(f"error: --{name}={text!r}: expected a comma list of {kind.__name__}s, e.g. 1,3,5") from None
-
-
-def run_settings(cfg):
-    """What can change a run's numbers (see NOT_RUN_SETTINGS)."""
-    skip = NOT_RUN_SETTINGS + (MUON_ONLY if cfg["optimizer"] == "adam" else ADAM_ONLY)
-    return {k: v for k, v in cfg.items() if k not in skip}
+        raise SystemExit(f"error: --{name}={text}: expected a comma list of {kind.__name__}s, e.g. 1,3,5") from None
 
 
 def check_config(cfg):
-    """Stop with the bad setting and the fix before anything is built."""
-    if cfg["optimizer"] not in ("muon", "adam"):
-        raise SystemExit(f"error: --optimizer={cfg['optimizer']!r}: choose 'muon' or 'adam'")
-    if cfg["sphere"] not in ("project", "geodesic", "geodesic_scaled"):
-        raise SystemExit(f"error: --sphere={cfg['sphere']!r}: choose 'project', 'geodesic' or 'geodesic_scaled'")
+    """Stop with the bad setting, its value and the fix before anything is built or trained."""
+    def bad(name, why):
+        raise SystemExit(f"error: --{name}={cfg[name]}: {why}")
+    for name in AT_LEAST_1:
+        if cfg[name] < 1:
+            bad(name, "must be >= 1")
+    for name in AT_LEAST_0:
+        if cfg[name] < 0:
+            bad(name, "must be >= 0")
+    for name, choices in CHOICES.items():
+        if cfg[name] not in choices:
+            bad(name, "choose one of " + ", ".join(repr(c) for c in choices))
+    if not 0 <= cfg["cooldown_frac"] <= 1:
+        bad("cooldown_frac", "must be in [0, 1]")
+    for name in ("momentum_muon", "normuon"):
+        if not 0 <= cfg[name] < 1:
+            bad(name, "must be in [0, 1)")
+    if cfg["eps_adam"] <= 0:
+        bad("eps_adam", "must be > 0, e.g. 1e-8")
+    if cfg["n_embd"] % cfg["n_head"] or (cfg["n_embd"] // cfg["n_head"]) % 2:
+        raise SystemExit(f"error: --n_embd={cfg['n_embd']} --n_head={cfg['n_head']}: the width must split into "
+                         "n_head heads of even size (RoPE); pick n_head dividing n_embd / 2")
     if cfg["vocab_top"] and not 2 <= cfg["vocab_top"] <= 65536:
-        raise SystemExit(f"error: --vocab_top={cfg['vocab_top']}: use 0 (full vocab) or a size in 2..65536")
-    if cfg["proj_every"] < 1:
-        raise SystemExit(f"error: --proj_every={cfg['proj_every']}: must be >= 1 (1 = project after every step)")
+        bad("vocab_top", "use 0 (full vocab) or a size in 2..65536")
     if cfg["proj_every"] > 1 and cfg["sphere"] != "project":
-        raise SystemExit("error: --proj_every > 1 is lazy projection and needs --sphere=project "
-                         "(the geodesic steps stay on the sphere by construction)")
-    if cfg["ns_method"] not in ("newton_schulz", "polar_express", "gram_newton_schulz"):
-        raise SystemExit(f"error: --ns_method={cfg['ns_method']!r}: choose newton_schulz, polar_express or "
-                         "gram_newton_schulz")
+        bad("proj_every", "lazy projection (> 1) needs --sphere=project (the geodesic steps stay on the sphere)")
     betas = parse_list(cfg["betas_adam"], float, "betas_adam")
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise SystemExit(f"error: --betas_adam={cfg['betas_adam']!r}: expected two numbers in [0, 1), e.g. 0.9,0.95")
+        bad("betas_adam", "expected two numbers in [0, 1), e.g. 0.9,0.95")
+    try:
+        dev = resolve_device(cfg)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        bad("device", "use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        bad("device", "CUDA is not available on this machine; use --device=cpu (or auto)")
+    if set(parse_list(cfg["sweep_optimizers"], str, "sweep_optimizers")) - {"muon", "adam"}:
+        bad("sweep_optimizers", "use muon and/or adam, e.g. muon,adam")
+
+
+def resolve_device(cfg):
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"])
+
+
+def run_identity_of(cfg, data_hash):
+    """The run's identity (see NOT_RUN_SETTINGS): its settings resolved on this device, the code, the data."""
+    dev = resolve_device(cfg)
+    skip = NOT_RUN_SETTINGS + (MUON_ONLY if cfg["optimizer"] == "adam" else ADAM_ONLY)
+    settings = {k: v for k, v in cfg.items() if k not in skip}
+    settings.update(vocab_size=cfg["vocab_top"] or cfg["vocab_size"], device=dev.type,
+                    compile=bool(cfg["compile"] and dev.type == "cuda"),
+                    compute_dtype=muon_optim.compute_dtype_rule(dev))
+    return run_identity(settings, SOURCE_HASH, data_hash)
 
 
 # -----------------------------------------------------------------------------
@@ -310,16 +358,28 @@ def shard_paths(data_dir, pattern):
     return paths
 
 
-def build_vocab_map(paths, top):
-    """Lookup table token id -> new id: the top-1 most frequent ids in `paths` (the train shards,
-    so nothing is learned from val) get 0..top-2 by frequency, every other id maps to top-1."""
+def data_files(cfg):
+    """The shards a run reads: every train shard, then the first val shard (the run identity's data)."""
+    return shard_paths(cfg["data_dir"], cfg["train_files"]) + shard_paths(cfg["data_dir"], cfg["val_files"])[:1]
+
+
+def build_vocab_map(shards, top):
+    """Lookup table token id -> new id: the top-1 most frequent ids of the (train) shards get 0..top-2 by
+    frequency, every other id maps to top-1 (so nothing is learned from the val shard)."""
     counts = np.zeros(65536, dtype=np.int64)
-    for p in paths:
-        counts += np.bincount(read_shard(p), minlength=65536)
+    for tokens in shards:
+        counts += np.bincount(tokens, minlength=65536)
     keep = np.argsort(-counts, kind="stable")[:top - 1]
     table = np.full(65536, top - 1, dtype=np.int64)
     table[keep] = np.arange(top - 1)
     return table
+
+
+def batch_at(tokens, pos, B, T, vocab_map):
+    """(x, y): B x T tokens from `pos` and the same shifted by one, ids mapped through vocab_map if any."""
+    buf = np.asarray(tokens[pos:pos + B * T + 1], dtype=np.int64)
+    buf = torch.from_numpy(buf if vocab_map is None else vocab_map[buf])
+    return buf[:-1].view(B, T), buf[1:].view(B, T)
 
 
 class ShardLoader:
@@ -328,7 +388,7 @@ class ShardLoader:
 
     def __init__(self, paths, batch_size, block_size, vocab_map=None):
         self.paths, self.B, self.T, self.vocab_map = paths, batch_size, block_size, vocab_map
-        self.shard, self.pos, self.tokens = 0, 0, read_shard(paths[0])
+        self.load_state(dict(shard=0, pos=0))
         if len(self.tokens) < batch_size * block_size + 1:
             raise ValueError(f"{paths[0]} has {len(self.tokens)} tokens, fewer than one batch "
                              f"({batch_size} x {block_size} + 1); lower --batch_size or --block_size")
@@ -341,16 +401,36 @@ class ShardLoader:
         self.tokens = read_shard(self.paths[self.shard])
 
     def next_batch(self):
-        n = self.B * self.T
-        if self.pos + n + 1 > len(self.tokens):
-            self.shard, self.pos = (self.shard + 1) % len(self.paths), 0
-            self.tokens = read_shard(self.paths[self.shard])
-        buf = np.asarray(self.tokens[self.pos:self.pos + n + 1], dtype=np.int64)
-        if self.vocab_map is not None:
-            buf = self.vocab_map[buf]
-        self.pos += n
-        buf = torch.from_numpy(buf)
-        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+        if self.pos + self.B * self.T + 1 > len(self.tokens):
+            self.load_state(dict(shard=(self.shard + 1) % len(self.paths), pos=0))
+        x, y = batch_at(self.tokens, self.pos, self.B, self.T, self.vocab_map)
+        self.pos += self.B * self.T
+        return x, y
+
+
+def load_data(cfg):
+    """(train loader, val token slice, vocab_map or None, vocab size, data fingerprint), after checking
+    every shard's header and that the data fits the model: a bad shard stops here with the file and the fix."""
+    paths = data_files(cfg)
+    try:
+        for path in paths:
+            read_shard(path)
+        vocab_map, vocab_size = None, cfg["vocab_size"]
+        if cfg["vocab_top"]:
+            vocab_map = build_vocab_map([read_shard(p) for p in paths[:-1]], cfg["vocab_top"])
+            vocab_size = cfg["vocab_top"]
+        loader = ShardLoader(paths[:-1], cfg["batch_size"], cfg["block_size"], vocab_map)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    val = read_shard(paths[-1])[:cfg["eval_tokens"] + 1]
+    if len(val) < cfg["batch_size"] * cfg["block_size"] + 1:
+        raise SystemExit(f"error: --eval_tokens={cfg['eval_tokens']}: the val slice ({len(val)} tokens) holds less "
+                         "than one batch; raise --eval_tokens or lower --batch_size/--block_size")
+    top_id = int(vocab_map[np.asarray(val)].max()) if vocab_map is not None else int(np.max(val))
+    if top_id >= vocab_size:
+        raise SystemExit(f"error: the data holds token id {top_id} but vocab_size={vocab_size}; raise --vocab_size "
+                         "(50304 for GPT-2 tokens) or use --vocab_top=N")
+    return loader, val, vocab_map, vocab_size, data_fingerprint(paths)
 
 
 # -----------------------------------------------------------------------------
@@ -479,31 +559,6 @@ class NGPT(nn.Module):
         return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def load_data(cfg):
-    """(train loader, val token slice, vocab_map or None, vocab size), after checking every shard's
-    header and that the data fits the model: a bad shard stops here with the file and the fix."""
-    train_paths = shard_paths(cfg["data_dir"], cfg["train_files"])
-    val_paths = shard_paths(cfg["data_dir"], cfg["val_files"])
-    try:
-        for path in train_paths + val_paths[:1]:
-            read_shard(path)
-        vocab_map, vocab_size = None, cfg["vocab_size"]
-        if cfg["vocab_top"]:
-            vocab_map, vocab_size = build_vocab_map(train_paths, cfg["vocab_top"]), cfg["vocab_top"]
-        loader = ShardLoader(train_paths, cfg["batch_size"], cfg["block_size"], vocab_map)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    val = read_shard(val_paths[0])[:cfg["eval_tokens"] + 1]
-    if len(val) < cfg["batch_size"] * cfg["block_size"] + 1:
-        raise SystemExit(f"error: the val slice has {len(val)} tokens, less than one batch; raise --eval_tokens "
-                         "or lower --batch_size/--block_size")
-    top_id = int(vocab_map[np.asarray(val)].max()) if vocab_map is not None else int(np.max(val))
-    if top_id >= vocab_size:
-        raise SystemExit(f"error: the data holds token id {top_id} but vocab_size={vocab_size}; raise --vocab_size "
-                         "(50304 for GPT-2 tokens) or use --vocab_top=N")
-    return loader, val, vocab_map, vocab_size
-
-
 # -----------------------------------------------------------------------------
 # Optimizer: Muon or Adam on the matrices, always with a sphere retraction
 
@@ -521,7 +576,8 @@ def make_optimizer(model, cfg):
                       weight_decay=cfg["weight_decay_muon"], ns_method=cfg["ns_method"], normuon=cfg["normuon"] or None)
         lr_embed, lr_head, lr_scalar = cfg["lr_embed"], cfg["lr_head"], cfg["lr_scalar"]
     else:  # the paper's baseline: Adam on every parameter
-        hidden = dict(use_muon=False, lr=cfg["lr_adam"], betas=betas, eps=cfg["eps_adam"], weight_decay=cfg["weight_decay"])
+        hidden = dict(use_muon=False, lr=cfg["lr_adam"], betas=betas, eps=cfg["eps_adam"],
+                      weight_decay=cfg["weight_decay"])
         lr_embed = lr_head = lr_scalar = cfg["lr_adam"]
     on_sphere = dict(sphere=cfg["sphere"], proj_every=cfg["proj_every"], cautious_wd=cfg["cautious_wd"], **hidden)
     adam = dict(use_muon=False, betas=betas, eps=cfg["eps_adam"], weight_decay=0.0)
@@ -546,35 +602,30 @@ def lr_factor(step, max_steps, cooldown_frac):
 # Training
 
 @torch.no_grad()
-def evaluate(model, tokens, batch_size, block_size, device, vocab_map, autocast):
-    """Mean loss over the first len(tokens) // (batch*seq) full batches of the val tokens."""
+def evaluate(model, tokens, cfg, device, vocab_map, autocast):
+    """Mean loss over the full batches in the val token slice."""
     model.eval()
-    n = batch_size * block_size
-    losses = []
-    for i in range(0, len(tokens) - n, n):
-        buf = np.asarray(tokens[i:i + n + 1], dtype=np.int64)
-        if vocab_map is not None:
-            buf = vocab_map[buf]
-        buf = torch.from_numpy(buf).to(device)
+    B, T, losses = cfg["batch_size"], cfg["block_size"], []
+    for pos in range(0, len(tokens) - B * T, B * T):
+        x, y = batch_at(tokens, pos, B, T, vocab_map)
         with autocast:
-            _, loss = model(buf[:-1].view(batch_size, block_size), buf[1:].view(batch_size, block_size))
-        losses.append(loss.item())
+            losses.append(model(x.to(device), y.to(device))[1].item())
     model.train()
     return float(np.mean(losses))
 
 
+def setup_torch(cfg):
+    """(device, autocast): threads, denormals and TF32 set for this machine; bf16 autocast on CUDA."""
+    dev = resolve_device(cfg)
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    torch.set_flush_denormal(True)  # CPU: subnormal floats late in long runs make float math slow; flush them to 0
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return dev, torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+
 
 def run_label(cfg):
     return f"ngpt-{cfg['optimizer']}"
-
-
-def write_checkpoint(path, cfg, step, model, opt, loader_state, metrics, train_time):
-    """ckpt.pt (atomic): everything an exact resume needs, at the start of step `step`."""
-    if cfg["save_checkpoint"]:
-        atomic_save(dict(script="train_ngpt.py", step=step, config=cfg, loader=loader_state, rng=rng_state(),
-                         metrics=metrics, source_hash=metrics["source_hash"],
-                         runs={run_label(cfg): dict(model=model.state_dict(), optimizer=opt.state_dict(),
-                                                    train_time=train_time)}), path)
 
 
 def start_wandb(cfg):
@@ -587,25 +638,38 @@ def start_wandb(cfg):
     return wandb.init(project=cfg["wandb_project"], name=name, config=cfg, dir=cfg["out_dir"])
 
 
+def save_run(cfg, step, model, opt, loader_state, metrics, train_time):
+    """metrics.json, and ckpt.pt (unless save_checkpoint=False): everything an exact resume needs, at the
+    start of step `step` (loader_state: where that step's batches start)."""
+    if cfg["save_checkpoint"]:
+        atomic_save(dict(script="train_ngpt.py", step=step, config=cfg, identity=metrics["identity"],
+                         loader=loader_state, rng=rng_state(), metrics=metrics,
+                         runs={run_label(cfg): dict(model=model.state_dict(), optimizer=opt.state_dict(),
+                                                    train_time=train_time)}), os.path.join(cfg["out_dir"], "ckpt.pt"))
+    atomic_write_json(metrics, os.path.join(cfg["out_dir"], "metrics.json"))
+
+
 def resume_from(ckpt_path, cfg, model, opt, loader, metrics):
-    """Load model, optimizer, data position, RNGs and curves from ckpt.pt (which must hold a run with
-    the same settings); returns (step, train_time). A run resumed under other code gets a combined
-    source_hash, so no sweep reuses it as a run of either version."""
+    """Load model, optimizer, data position, RNGs and curves from ckpt.pt, whose run identity must equal
+    this run's except for the RESUMABLE settings; returns (step, train_time)."""
     ckpt = load_checkpoint(ckpt_path, "train_ngpt.py")
-    diff = [f"{k}: checkpoint {ckpt['config'].get(k)!r}, now {v!r}" for k, v in run_settings(cfg).items()
-            if ckpt["config"].get(k) != v]
+    if "identity" not in ckpt:
+        raise SystemExit(f"error: {ckpt_path} holds no run identity (an older train_ngpt.py wrote it); "
+                         "--resume=False to start over, or another --out_dir")
+    diff = identity_diff(ckpt["identity"], metrics["identity"], may_differ=RESUMABLE)
     if diff:
-        raise SystemExit(f"error: cannot resume {ckpt_path}, settings differ from the checkpoint's ("
-                         + "; ".join(diff) + "); pass the same values or use a fresh --out_dir")
+        raise SystemExit(f"error: cannot resume {ckpt_path}: this run differs from the checkpoint's "
+                         f"({'; '.join(diff)}); pass the checkpoint's values, or --resume=False to start over, "
+                         "or another --out_dir")
     state = ckpt["runs"][run_label(cfg)]
     model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
+    own = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    opt.load_state_dict(state["optimizer"])  # this also sets each group's options to the checkpoint's:
+    for group, options in zip(opt.param_groups, own):  # the command line's settings win
+        group.update(options)
     loader.load_state(ckpt["loader"])
     set_rng_state(ckpt["rng"])
     metrics["runs"] = ckpt["metrics"]["runs"]
-    if ckpt.get("source_hash") != SOURCE_HASH:
-        print(f"note: {ckpt_path} was written by other code (source_hash {ckpt.get('source_hash')}, now {SOURCE_HASH})")
-        metrics["source_hash"] = f"{ckpt.get('source_hash')}+{SOURCE_HASH}"
     return ckpt["step"], state["train_time"]
 
 
@@ -614,24 +678,22 @@ def train(cfg, progress=True):
     to out_dir/metrics.json with loss.png (and ckpt.pt unless save_checkpoint=False). The layout follows
     train_muon.py: metrics["runs"][label] holds "train" and "val" lists of {step, loss, time, ...}."""
     check_config(cfg)
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"])
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    torch.set_flush_denormal(True)  # CPU: subnormal floats late in long runs slow float math ~4x; flush to 0
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
-    loader, val, vocab_map, vocab_size = load_data(cfg)
+    dev, autocast = setup_torch(cfg)
+    loader, val, vocab_map, vocab_size, data_hash = load_data(cfg)
     os.makedirs(cfg["out_dir"], exist_ok=True)
     ckpt_path, metrics_path = os.path.join(cfg["out_dir"], "ckpt.pt"), os.path.join(cfg["out_dir"], "metrics.json")
     torch.manual_seed(cfg["seed"])
     model = NGPT(vocab_size, cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["block_size"], cfg["mlp_ratio"]).to(dev)
     opt = make_optimizer(model, cfg)
     label, tokens_per_step = run_label(cfg), cfg["batch_size"] * cfg["block_size"] * cfg["grad_accum_steps"]
-    metrics = dict(config=cfg, source_hash=SOURCE_HASH, source_files=[os.path.basename(f) for f in SOURCE_FILES],
-                   tokens_per_step=tokens_per_step, device=str(dev), vocab_size=vocab_size,
-                   num_params=sum(p.numel() for p in model.parameters()), runs={label: dict(train=[], val=[])})
+    metrics = dict(config=cfg, identity=run_identity_of(cfg, data_hash),
+                   source_files=[os.path.basename(f) for f in SOURCE_FILES], tokens_per_step=tokens_per_step,
+                   device=str(dev), vocab_size=vocab_size, num_params=sum(p.numel() for p in model.parameters()),
+                   runs={label: dict(train=[], val=[])})
     step, train_time = resume_from(ckpt_path, cfg, model, opt, loader, metrics) if cfg["resume"] else (0, 0.0)
     run, first_step = metrics["runs"][label], step  # stop_after_steps counts the steps of this invocation
+    saved = (f"checkpoint {ckpt_path}; continue with --resume=True" if cfg["save_checkpoint"] else
+             "nothing saved to continue from (--save_checkpoint=False)")
     fwd = torch.compile(model) if cfg["compile"] and dev.type == "cuda" else model
     wandb_run = start_wandb(cfg) if cfg["wandb_log"] else None
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not progress, desc=cfg["out_dir"], dynamic_ncols=True)
@@ -640,7 +702,7 @@ def train(cfg, progress=True):
         while True:
             last = step >= cfg["max_steps"]
             if (step % cfg["eval_every"] == 0 or last) and not (run["val"] and run["val"][-1]["step"] == step):
-                loss = evaluate(model, val, cfg["batch_size"], cfg["block_size"], dev, vocab_map, autocast)
+                loss = evaluate(model, val, cfg, dev, vocab_map, autocast)
                 run["val"].append(dict(step=step, loss=loss, time=train_time, tokens=step * tokens_per_step))
                 atomic_write_json(metrics, metrics_path)
                 if wandb_run:
@@ -663,7 +725,7 @@ def train(cfg, progress=True):
             if not math.isfinite(loss_value):  # stop before the step: the last checkpoint stays good
                 run["diverged"] = True
                 tqdm.write(f"{cfg['out_dir']}: non-finite training loss ({loss_value}) at step {step + 1}; stopping "
-                           f"without applying it (the last checkpoint is kept). Lower the learning rate.")
+                           "without applying it. Lower the learning rate.")
                 break
             updating = True  # a Ctrl-C inside opt.step would leave a half-updated model: that is not saved
             opt.step()
@@ -671,31 +733,32 @@ def train(cfg, progress=True):
             updating, step, loader_state = False, step + 1, loader.state()  # Ctrl-C from here on saves `step`
             dt = time.perf_counter() - t0
             train_time += dt
-            run["train"].append(dict(step=step, loss=loss_value, lr=lr_mult, tok_s=tokens_per_step / dt, time=train_time))
+            run["train"].append(dict(step=step, loss=loss_value, lr=lr_mult, tok_s=tokens_per_step / dt,
+                                     time=train_time))
             if wandb_run:
                 wandb_run.log({f"train/{k}": v for k, v in run["train"][-1].items()}, step=step)
             bar.update(1)
             stop = cfg["stop_after_steps"] and cfg["max_steps"] > step >= first_step + cfg["stop_after_steps"]
             if stop or (cfg["ckpt_every"] and step % cfg["ckpt_every"] == 0):
-                write_checkpoint(ckpt_path, cfg, step, model, opt, loader.state(), metrics, train_time)
+                save_run(cfg, step, model, opt, loader_state, metrics, train_time)
             if stop:
-                atomic_write_json(metrics, metrics_path)
-                tqdm.write(f"stopped at step {step}; checkpoint {ckpt_path}; continue with --resume=True")
+                tqdm.write(f"stopped at step {step}; {saved}")
                 return metrics
-        if not run.get("diverged"):
-            write_checkpoint(ckpt_path, cfg, step, model, opt, loader.state(), metrics, train_time)
         vals = [p["loss"] for p in run["val"]]
-        run.update(diverged=bool(run.get("diverged")), final_val_loss=float("nan") if run.get("diverged") else vals[-1],
-                   best_val_loss=min(vals), train_time=train_time, tok_s=step * tokens_per_step / max(train_time, 1e-9))
+        diverged = bool(run.get("diverged"))
+        run.update(diverged=diverged, final_val_loss=float("nan") if diverged else vals[-1], best_val_loss=min(vals),
+                   train_time=train_time, tok_s=step * tokens_per_step / max(train_time, 1e-9))
         metrics["finished"] = True
-        atomic_write_json(metrics, metrics_path)
+        if diverged:
+            atomic_write_json(metrics, metrics_path)
+        else:
+            save_run(cfg, step, model, opt, loader.state(), metrics, train_time)
         if wandb_run:
             wandb_run.summary.update({k: run[k] for k in ("diverged", "final_val_loss", "best_val_loss", "tok_s")})
     except KeyboardInterrupt:
         if not updating:
-            write_checkpoint(ckpt_path, cfg, step, model, opt, loader_state, metrics, train_time)
-            atomic_write_json(metrics, metrics_path)
-            tqdm.write(f"interrupted at step {step}; checkpoint {ckpt_path}; continue with --resume=True")
+            save_run(cfg, step, model, opt, loader_state, metrics, train_time)
+            tqdm.write(f"interrupted at step {step}; {saved}")
         raise
     finally:
         bar.close()
@@ -717,30 +780,28 @@ def plot_losses(runs, path, title, sweep_axis=None):
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (label, run) in enumerate(runs.items()):
-        color = f"C{i % 10}"
+        color, val = f"C{i % 10}", run["val"]
         if run["train"] and not sweep_axis:  # many runs: validation only, the train curves would hide them
-            ax1.plot([p["step"] for p in run["train"]], [p["loss"] for p in run["train"]], color=color, alpha=0.25, lw=0.7)
-        if run["val"]:
-            ax1.plot([p["step"] for p in run["val"]], [p["loss"] for p in run["val"]], "o-", color=color, ms=3,
-                     label=f"{label} (val {run['val'][-1]['loss']:.3f})")
-            if not sweep_axis:
-                ax2.plot([p["time"] for p in run["val"]], [p["loss"] for p in run["val"]], "o-", color=color, ms=3,
-                         label=label)
+            ax1.plot([p["step"] for p in run["train"]], [p["loss"] for p in run["train"]], color=color, alpha=0.25,
+                     lw=0.7)
+        if val:
+            ax1.plot([p["step"] for p in val], [p["loss"] for p in val], "o-", color=color, ms=3,
+                     label=f"{label} (val {val[-1]['loss']:.3f})")
+        if val and not sweep_axis:
+            ax2.plot([p["time"] for p in val], [p["loss"] for p in val], "o-", color=color, ms=3, label=label)
     vals = [p["loss"] for r in runs.values() for p in r["val"] if math.isfinite(p["loss"])]
     if vals:  # zoom on the interesting part: the first eval (ln vocab) dwarfs the rest
         lo, hi = min(vals), sorted(vals)[len(vals) // 2]
         ax1.set_ylim(lo - 0.1 * (hi - lo) - 0.05, hi + 0.6 * (hi - lo) + 0.1)
         if not sweep_axis:
             ax2.set_ylim(*ax1.get_ylim())
-    ax1.set(xlabel="step", ylabel="loss", title=f"{title}: validation loss" if sweep_axis else
-            f"{title}: train (thin) and validation loss")
+    ax1.set(xlabel="step", ylabel="loss", title=f"{title}: " + ("validation loss" if sweep_axis else
+                                                                  "train (thin) and validation loss"))
     if sweep_axis:
         name, series = sweep_axis
         for group, points in series.items():
-            xs, ys = zip(*points)
-            ax2.plot(xs, ys, "o-", label=group)
-        if name == "learning rate":
-            ax2.set_xscale("log")
+            ax2.plot(*zip(*points), "o-", label=group)
+        ax2.set_xscale("log" if name == "learning rate" else "linear")
         ax2.set(xlabel=name, ylabel="final validation loss", title=f"final validation loss vs {name}")
     else:
         ax2.set(xlabel="training time (s, excluding eval)", ylabel="validation loss", title="validation loss vs time")
@@ -752,16 +813,18 @@ def plot_losses(runs, path, title, sweep_axis=None):
     plt.close(fig)
 
 
+SWEEP_AXES = dict(lr="learning rate", proj_every="proj_every",
+                  update="update (0 project, 1 geodesic, 2 geodesic_scaled)",
+                  toggles="toggle (0 NS5, 1 PE, 2 NorMuon, 3 wd, 4 cautious wd)")
+
+
 def sweep_settings(name, cfg):
     """[(group, label, x, overrides)] for the built-in sweeps, for each optimizer in sweep_optimizers;
     every run starts from the same init (seed) and sees the same batches."""
     out = []
     for o in parse_list(cfg["sweep_optimizers"], str, "sweep_optimizers"):
-        if o not in ("muon", "adam"):
-            raise SystemExit(f"error: --sweep_optimizers={cfg['sweep_optimizers']!r}: use muon and/or adam")
-        if name == "lr":
-            key = "lr_muon" if o == "muon" else "lr_adam"
-            out += [(o, f"{o} lr={v:g}", v, {"optimizer": o, key: v})
+        if name == "lr":  # lr_muon or lr_adam
+            out += [(o, f"{o} lr={v:g}", v, {"optimizer": o, f"lr_{o}": v})
                     for v in parse_list(cfg[f"sweep_lrs_{o}"], float, f"sweep_lrs_{o}")]
         elif name == "proj_every":
             out += [(o, f"{o} proj_every={k}", k, dict(optimizer=o, sphere="project", proj_every=k))
@@ -769,9 +832,7 @@ def sweep_settings(name, cfg):
         elif name == "update":
             out += [(o, f"{o} {m}", i, dict(optimizer=o, sphere=m, proj_every=1))
                     for i, m in enumerate(("project", "geodesic", "geodesic_scaled"))]
-        elif name == "toggles":  # which modded-nanogpt additions carry over to Muon on the sphere
-            if o != "muon":
-                continue
+        elif o == "muon":  # toggles: which modded-nanogpt additions carry over to Muon on the sphere
             wd = cfg["weight_decay_muon"] or 0.1
             toggles = [("NS5 (baseline)", {}), ("polar_express", dict(ns_method="polar_express")),
                        ("normuon", dict(normuon=0.95)), (f"wd={wd:g}", dict(weight_decay_muon=wd, cautious_wd=False)),
@@ -779,60 +840,60 @@ def sweep_settings(name, cfg):
             plain = dict(optimizer="muon", ns_method="newton_schulz", normuon=0.0, weight_decay_muon=0.0,
                          cautious_wd=False)
             out += [(o, f"muon {t}", i, dict(plain, **extra)) for i, (t, extra) in enumerate(toggles)]
-        else:
-            raise SystemExit(f"error: unknown --sweep={name!r}; choose lr, proj_every, update or toggles")
     return out
 
 
-def find_finished_run(root, run_cfg):
-    """The metrics of a finished run in any sweep under root whose settings (run_settings: every
-    constant that can change the numbers) and source_hash match: an interrupted sweep continues where
-    it stopped, and sweeps share runs (proj_every=1 at the best lr is the lr sweep's run)."""
-    want = run_settings(run_cfg)
+def find_finished_run(root, identity):
+    """The metrics of a finished run in any sweep under root with this run identity (settings, code and
+    data): an interrupted sweep continues where it stopped, and sweeps share runs (proj_every=1 at the
+    best lr is the lr sweep's run)."""
     for path in sorted(glob.glob(os.path.join(root, "sweep_*", "*", "metrics.json"))):
         with open(path) as f:
             m = json.load(f)
-        if m.get("finished") and m.get("source_hash") == SOURCE_HASH and run_settings(m["config"]) == want:
+        if m.get("finished") and identity_diff(m.get("identity", {}), identity) == []:
             return m
     return None
 
 
 def run_sweep(cfg):
-    """Train every setting of the sweep (reusing finished runs, see find_finished_run), then write
+    """Check every run's settings, then train each (reusing finished runs, see find_finished_run), write
     results.json and a PNG, and print the best setting per optimizer."""
+    check_config(cfg)
     name, root = cfg["sweep"], os.path.join(cfg["out_dir"], f"sweep_{cfg['sweep']}")
-    runs, results = {}, []
+    plan = []
     for group, label, x, overrides in sweep_settings(name, cfg):
         run_cfg = dict(cfg, **overrides, sweep="", resume=False, save_checkpoint=False, stop_after_steps=0,
                        out_dir=os.path.join(root, label.replace(" ", "_").replace("=", "")),
                        wandb_run_name=f"{cfg['wandb_run_name'] or 'ngpt'} sweep_{name} {label}")
-        m = find_finished_run(cfg["out_dir"], run_cfg)
+        try:
+            check_config(run_cfg)
+        except SystemExit as e:
+            raise SystemExit(f"{e.code} (sweep run {label!r})") from None
+        plan.append((group, label, x, overrides, run_cfg))
+    data_hash = data_fingerprint(data_files(cfg))
+    runs, results, best, series = {}, [], {}, {}
+    for group, label, x, overrides, run_cfg in plan:
+        m = find_finished_run(cfg["out_dir"], run_identity_of(run_cfg, data_hash))
         if m is None:
             m = train(run_cfg)
         else:
-            print(f"{label}: reusing the finished run in {m['config']['out_dir']} (same settings and source_hash)")
+            print(f"{label}: reusing the finished run in {m['config']['out_dir']} (the same run identity)")
         r = runs[label] = m["runs"][run_label(run_cfg)]
         results.append(dict(group=group, label=label, x=x, overrides=overrides, final_val_loss=r["final_val_loss"],
                             best_val_loss=r["best_val_loss"], diverged=r["diverged"], train_time=r["train_time"],
                             val=r["val"]))
         print(f"{label:>28}: final val {r['final_val_loss']:.4f}, {r['train_time']:.0f} s"
               + ("  (diverged)" if r["diverged"] else ""))
-    best = {}
-    for r in results:
-        if math.isfinite(r["final_val_loss"]) and (r["group"] not in best
-                                                   or r["final_val_loss"] < best[r["group"]]["final_val_loss"]):
-            best[r["group"]] = r
+        series.setdefault(group, []).append((x, r["final_val_loss"]))
+        best_so_far = best.get(group, dict(final_val_loss=math.inf))["final_val_loss"]
+        if math.isfinite(r["final_val_loss"]) and r["final_val_loss"] < best_so_far:
+            best[group] = results[-1]
     for group, r in best.items():
         print(f"best {group}: {r['label']} -> val loss {r['final_val_loss']:.4f}")
-    atomic_write_json(dict(sweep=name, config=cfg, source_hash=SOURCE_HASH, runs=results,
+    atomic_write_json(dict(sweep=name, config=cfg, source_hash=SOURCE_HASH, data_hash=data_hash, runs=results,
                            best={g: dict(label=r["label"], overrides=r["overrides"], final_val_loss=r["final_val_loss"])
                                  for g, r in best.items()}), os.path.join(root, "results.json"))
-    series = {}
-    for r in results:
-        series.setdefault(r["group"], []).append((r["x"], r["final_val_loss"]))
-    axis = (dict(lr="learning rate", proj_every="proj_every", update="update (0 project, 1 geodesic, "
-                 "2 geodesic_scaled)", toggles="toggle (0 NS5, 1 PE, 2 NorMuon, 3 wd, 4 cautious wd)")[name], series)
-    plot_losses(runs, os.path.join(root, f"sweep_{name}.png"), f"nGPT sweep {name}", axis)
+    plot_losses(runs, os.path.join(root, f"sweep_{name}.png"), f"nGPT sweep {name}", (SWEEP_AXES[name], series))
     print(f"wrote {root}/results.json and {root}/sweep_{name}.png")
     return results, best
 

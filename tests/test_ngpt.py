@@ -1,9 +1,10 @@
 """Tests for train_ngpt.py (nGPT + Muon on the hypersphere) and muon_optim's sphere options.
-Everything runs on tiny models and shards written here; well under a minute on 2 CPU cores."""
+Everything runs on tiny models and shards written here."""
 import glob
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -52,7 +53,8 @@ def tiny_cfg(data_dir, out_dir, **overrides):
     cfg = dict(data_dir=data_dir, train_files="toy_train_*.bin", val_files="toy_val_*.bin",
                out_dir=str(out_dir), vocab_top=64, n_layer=2, n_embd=32, n_head=2, block_size=16,
                batch_size=4, grad_accum_steps=1, max_steps=6, eval_every=2, eval_tokens=256,
-               ckpt_every=0, lr_muon=0.02, lr_embed=1e-2, lr_head=1e-2, lr_scalar=1e-2, lr_adam=1e-2, device="cpu")
+               ckpt_every=0, lr_muon=0.02, lr_embed=1e-2, lr_head=1e-2, lr_scalar=1e-2, lr_adam=1e-2, device="cpu",
+               threads=1)
     return defaults(**dict(cfg, **overrides))
 
 
@@ -292,8 +294,12 @@ def test_resume_from_a_bad_checkpoint_says_what_is_wrong(shards, tmp_path):
         train_ngpt.train(dict(cfg, resume=True), progress=False)
     train_ngpt.train(cfg, progress=False)
     ckpt = tmp_path / "run" / "ckpt.pt"
-    with pytest.raises(SystemExit, match=r"cannot resume .*settings differ.*\(n_embd: checkpoint 32, now 64\)"):
+    with pytest.raises(SystemExit, match=r"cannot resume .*n_embd: 32 -> 64.*--resume=False"):
         train_ngpt.train(dict(cfg, resume=True, n_embd=64), progress=False)
+    old = torch.load(ckpt, weights_only=False)
+    torch.save({k: v for k, v in old.items() if k != "identity"}, ckpt)  # written before run identities
+    with pytest.raises(SystemExit, match="holds no run identity .*--resume=False to start over"):
+        train_ngpt.train(dict(cfg, resume=True), progress=False)
     ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated
     with pytest.raises(SystemExit, match="not a readable checkpoint .* truncated"):
         train_ngpt.train(dict(cfg, resume=True), progress=False)
@@ -304,7 +310,8 @@ def test_resume_from_a_bad_checkpoint_says_what_is_wrong(shards, tmp_path):
 
 def test_sweep_writes_results_and_plot(shards, tmp_path):
     cfg = tiny_cfg(shards, tmp_path, sweep="update", max_steps=4, eval_every=2)
-    assert len(train_ngpt.sweep_settings("lr", cfg)) == 6 + 6 and len(train_ngpt.sweep_settings("proj_every", cfg)) == 14
+    assert len(train_ngpt.sweep_settings("lr", cfg)) == 6 + 6
+    assert len(train_ngpt.sweep_settings("proj_every", cfg)) == 14
     assert len(train_ngpt.sweep_settings("toggles", cfg)) == 5
     cfg["sweep_optimizers"] = "muon"
     results, best = train_ngpt.run_sweep(cfg)
@@ -323,11 +330,12 @@ def test_sweep_reuses_a_run_only_with_the_same_settings_and_code(shards, tmp_pat
     cfg = tiny_cfg(shards, tmp_path, sweep="lr", sweep_optimizers="muon", sweep_lrs_muon="0.02,0.05", max_steps=2)
     trained = []
     real_train = train_ngpt.train
-    monkeypatch.setattr(train_ngpt, "train", lambda c, progress=True: trained.append(c["lr_muon"]) or real_train(c, progress=False))
+    monkeypatch.setattr(train_ngpt, "train",
+                        lambda c, progress=True: trained.append(c["lr_muon"]) or real_train(c, progress=False))
     train_ngpt.run_sweep(cfg)
     assert trained == [0.02, 0.05]
     with open(tmp_path / "sweep_lr" / "muon_lr0.02" / "metrics.json") as f:
-        assert json.load(f)["source_hash"] == train_ngpt.SOURCE_HASH
+        assert json.load(f)["identity"]["source_hash"] == train_ngpt.SOURCE_HASH
     train_ngpt.run_sweep(dict(cfg, lr_adam=0.1, threads=1, compile=False))  # the Adam baseline's lr, how it runs
     assert trained == [0.02, 0.05]  # all reused
     train_ngpt.run_sweep(dict(cfg, eps_adam=1e-6))  # any setting of the run, not a hand-picked list
@@ -351,3 +359,156 @@ def test_wandb_logs_what_metrics_json_holds(shards, tmp_path, monkeypatch):
     expected += [(p["step"], {f"val/{k}": v for k, v in p.items()}) for p in run["val"]]
     assert sorted(logged, key=str) == sorted(expected, key=str)
     assert glob.glob(str(tmp_path / "wandb" / "offline-run-*"))  # a real offline run, in out_dir
+
+
+# -----------------------------------------------------------------------------
+# Run identity: caches and resume key on settings, code and data, never on a path
+
+def rewrite_shards(data_dir, seed):
+    """Other tokens under the same file names (what re-running prepare_fineweb.py on new text does)."""
+    rng = np.random.default_rng(seed)
+    for path in glob.glob(os.path.join(data_dir, "toy_*.bin")):
+        n = len(train_ngpt.read_shard(path))
+        write_shard(path, rng.integers(0, 50257, size=n))
+
+
+def test_sweep_retrains_after_the_shards_or_the_compute_dtype_change(shards, tmp_path, monkeypatch):
+    cfg = tiny_cfg(shards, tmp_path / "out", sweep="lr", sweep_optimizers="muon", sweep_lrs_muon="0.02", max_steps=2)
+    trained, real_train = [], train_ngpt.train
+    monkeypatch.setattr(train_ngpt, "train", lambda c, progress=True: trained.append(1) or real_train(c, False))
+    train_ngpt.run_sweep(cfg)
+    train_ngpt.run_sweep(cfg)
+    assert len(trained) == 1  # the same command, code and data: reused
+    rewrite_shards(shards, seed=1)
+    train_ngpt.run_sweep(cfg)
+    assert len(trained) == 2  # same paths, other tokens: retrained
+    with open(tmp_path / "out" / "sweep_lr" / "muon_lr0.02" / "metrics.json") as f:
+        assert json.load(f)["identity"]["data_hash"] == train_ngpt.data_fingerprint(
+            sorted(glob.glob(os.path.join(shards, "toy_train_*.bin"))) + [os.path.join(shards, "toy_val_000000.bin")])
+    monkeypatch.setattr(train_ngpt.muon_optim, "compute_dtype_rule", lambda device: "torch.bfloat16")
+    train_ngpt.run_sweep(cfg)
+    assert len(trained) == 3  # muon_optim would compute in another dtype: retrained
+
+
+def stopped_run(shards, out_dir, **overrides):
+    """A 6-step run stopped after 3 steps with its checkpoint (the job-script workflow)."""
+    cfg = tiny_cfg(shards, out_dir, proj_every=2, **overrides)
+    train_ngpt.train(dict(cfg, stop_after_steps=3), progress=False)
+    return cfg
+
+
+def test_resume_with_resumable_settings_changed_continues_exactly(shards, tmp_path):
+    """6 steps straight == 3 steps, then a resume in another out_dir with other cadences, stop and wandb
+    settings (all in RESUMABLE) for the other 3: the same losses and bit-identical weights."""
+    cfg = tiny_cfg(shards, tmp_path / "straight", proj_every=2)
+    straight = train_ngpt.train(cfg, progress=False)["runs"]["ngpt-muon"]
+    stopped_run(shards, tmp_path / "half")
+    shutil.copytree(tmp_path / "half", tmp_path / "moved")
+    changed = dict(out_dir=str(tmp_path / "moved"), eval_every=3, ckpt_every=1, stop_after_steps=10, compile=False,
+                   wandb_project="other", wandb_run_name="other", resume=True)
+    assert set(changed) - {"resume"} <= set(train_ngpt.RESUMABLE)
+    resumed = train_ngpt.train(dict(cfg, **changed), progress=False)["runs"]["ngpt-muon"]
+    assert [p["loss"] for p in resumed["train"]] == [p["loss"] for p in straight["train"]]
+    val = {p["step"]: p["loss"] for p in straight["val"]}  # steps 0, 2, 4, 6
+    assert [p["step"] for p in resumed["val"]] == [0, 2, 3, 6]  # eval_every=3 from step 3 on
+    assert all(p["loss"] == val[p["step"]] for p in resumed["val"] if p["step"] in val)
+    ref = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)["runs"]["ngpt-muon"]["model"]
+    got = torch.load(tmp_path / "moved" / "ckpt.pt", weights_only=False)["runs"]["ngpt-muon"]["model"]
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+@pytest.mark.parametrize("change,named", [
+    (dict(weight_decay_muon=5.0), "weight_decay_muon: 0.0 -> 5.0"),
+    (dict(normuon=0.95, ns_method="polar_express"),
+     "normuon: 0.0 -> 0.95; ns_method: 'newton_schulz' -> 'polar_express'"),
+    (dict(max_steps=8), "max_steps: 6 -> 8"),
+])
+def test_resume_refuses_other_settings_naming_each_with_both_values(shards, tmp_path, change, named):
+    cfg = stopped_run(shards, tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        train_ngpt.train(dict(cfg, resume=True, **change), progress=False)
+    msg = str(e.value.code)
+    assert "\n" not in msg and named in msg and "--resume=False" in msg and "--out_dir" in msg, msg
+
+
+def test_resume_refuses_other_code_or_other_data(shards, tmp_path, monkeypatch):
+    cfg = stopped_run(shards, tmp_path / "run")
+    with monkeypatch.context() as m:
+        m.setattr(train_ngpt, "SOURCE_HASH", "edited00code0000")  # what editing train_ngpt.py or muon_optim.py does
+        with pytest.raises(SystemExit, match=r"cannot resume .*source_hash: '[0-9a-f]{16}' -> 'edited00code0000'"):
+            train_ngpt.train(dict(cfg, resume=True), progress=False)
+    rewrite_shards(shards, seed=2)
+    with pytest.raises(SystemExit, match=r"cannot resume .*data_hash: '\w{16}' -> '\w{16}'.*--resume=False"):
+        train_ngpt.train(dict(cfg, resume=True), progress=False)
+
+
+def test_checkpointed_optimizer_options_never_override_the_command_line(shards, tmp_path):
+    """torch's Optimizer.load_state_dict restores each group's options from the checkpoint: a checkpoint
+    whose groups say otherwise (edited, or written by other code) must not change the resumed run."""
+    cfg = tiny_cfg(shards, tmp_path / "straight", proj_every=2)
+    straight = train_ngpt.train(cfg, progress=False)["runs"]["ngpt-muon"]
+    stopped_run(shards, tmp_path / "run")
+    path = tmp_path / "run" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=False)
+    for g in ckpt["runs"]["ngpt-muon"]["optimizer"]["param_groups"]:
+        g.update(weight_decay=5.0, momentum=0.5, initial_lr=g["initial_lr"] * 3, ns_method="polar_express")
+    torch.save(ckpt, path)
+    resumed = train_ngpt.train(dict(cfg, out_dir=str(tmp_path / "run"), resume=True), progress=False)
+    resumed = resumed["runs"]["ngpt-muon"]
+    assert [p["loss"] for p in resumed["train"]] == [p["loss"] for p in straight["train"]]
+
+
+BAD_SETTINGS = [("eval_every", "0"), ("batch_size", "0"), ("grad_accum_steps", "0"), ("block_size", "-1"),
+                ("n_layer", "0"), ("max_steps", "0"), ("eval_tokens", "0"), ("ckpt_every", "-1"),
+                ("stop_after_steps", "-2"), ("threads", "-1"), ("n_head", "3"), ("n_embd", "30"),
+                ("mlp_ratio", "0"), ("cooldown_frac", "1.5"), ("lr_muon", "-0.1"), ("momentum_muon", "1"),
+                ("normuon", "1"), ("eps_adam", "0"), ("vocab_size", "0"), ("optimizer", "sgd"),
+                ("sphere", "flat"), ("ns_method", "newton"), ("sweep", "lrs"), ("sweep_optimizers", "sgd"),
+                ("device", "gpu"), ("device", "mps")]
+
+
+@pytest.mark.parametrize("name,value", BAD_SETTINGS)
+def test_bad_settings_stop_before_the_first_step_naming_setting_and_value(shards, tmp_path, monkeypatch, name,
+                                                                         value):
+    monkeypatch.setattr(train_ngpt, "make_optimizer", lambda *a: pytest.fail("built an optimizer"))
+    argv = [f"--{k}={v}" for k, v in tiny_cfg(shards, tmp_path / "out").items() if k in (
+        "data_dir", "train_files", "val_files", "out_dir", "vocab_top", "n_layer", "n_embd", "n_head", "block_size",
+        "batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_tokens", "device", "threads")]
+    with pytest.raises(SystemExit) as e:
+        train_ngpt.main(argv + [f"--{name}={value}"])
+    msg = str(e.value.code)
+    assert msg.startswith("error: --") and f"--{name}={value}" in msg and "\n" not in msg, msg
+
+
+def test_a_sweep_checks_every_run_before_training_the_first(shards, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_ngpt, "train", lambda *a, **k: pytest.fail("trained before checking every run"))
+    cfg = tiny_cfg(shards, tmp_path, sweep="proj_every", sweep_optimizers="muon", sweep_proj_every="1,0")
+    with pytest.raises(SystemExit, match=r"error: --proj_every=0: must be >= 1 \(sweep run 'muon proj_every=0'\)"):
+        train_ngpt.run_sweep(cfg)
+    with pytest.raises(SystemExit, match=r"error: --eval_every=0"):
+        train_ngpt.run_sweep(dict(cfg, sweep_proj_every="1", eval_every=0))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_cuda_without_cuda_is_one_line_without_traceback(shards, tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_ngpt.py"), f"--data_dir={shards}",
+                           f"--out_dir={tmp_path}/out", "--device=cuda"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: --device=cuda") and "--device=cpu" in proc.stderr, proc.stderr
+
+
+def test_stop_without_checkpoint_promises_none(shards, tmp_path, capsys):
+    cfg = tiny_cfg(shards, tmp_path / "run", save_checkpoint=False, stop_after_steps=2)
+    train_ngpt.train(cfg, progress=False)
+    out = capsys.readouterr().out
+    assert "stopped at step 2" in out and "--resume=True" not in out and "ckpt.pt" not in out, out
+    assert not os.path.exists(tmp_path / "run" / "ckpt.pt")
+
+
+def test_help_lists_every_setting_with_default_and_comment():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_ngpt.py"), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name, value in train_ngpt.CONFIG.items():
+        assert f"--{name}={value}" in proc.stdout, name
+    assert "0 = only at the end and on Ctrl-C" in proc.stdout
