@@ -1,19 +1,22 @@
 """
 bench.py -- what Muon's orthogonalization costs, how good it is, and what it buys.
 
-    python bench.py                      # all four sections (< 5 min on a 2-core CPU)
-    python bench.py --quick=True         # fewer shapes and repeats (~1 min)
-    python bench.py --only=speed,step    # any of: speed, quality, step, showdown, distributed, gpu, gpu_ns
+    python bench.py                      # the four default sections
+    python bench.py --quick=True         # fewer shapes and repeats
+    python bench.py --only=speed,step    # any of: speed, quality, step, showdown, distributed, gpu, gpu_ns, trace
+    python bench.py --only=quality       # after copying muon_optim.py: its compute dtype, error and speed here
+    python bench.py --only=trace         # the functions and lines of muon_optim.py one plain update runs
     OMP_NUM_THREADS=1 python bench.py --only=distributed   # DDP-style vs FSDP2 step at 1 and 2 ranks (gloo)
     python bench.py --threads=1          # torch CPU threads (default: torch's choice)
-    python bench.py --gpu=True           # the GPU validation: tests/test_cuda.py + one table (<= 8 min, one H100)
+    python bench.py --gpu=True           # the GPU validation: tests/test_cuda.py + one table
 
 Sections (each measured in one process, so the ratios inside a table are fair):
   speed     median ms per orthogonalization (NS5, Polar Express, Gram-NS; Triton/compiled on CUDA)
             for GPT-2-small and tiny-transformer shapes, FLOPs, achieved TFLOP/s and the ratio to
             a plain matmul of the same shape ("matmul bound"); plus Gram-NS vs NS5 by aspect ratio
   quality   singular-value range and ||O O^T - I|| after the iteration vs the exact SVD polar
-            factor, for condition numbers 1e1..1e6
+            factor, for condition numbers 1e1..1e6; and the check to run after copying
+            muon_optim.py: the compute dtype it picks here, per shape, with error and time per call
   step      optimizer step time on the 4 GPT-2-small layer matrices: our Muon (NS5, Gram-NS,
             +NorMuon) vs torch.optim.Muon vs torch.optim.AdamW
   showdown  10-layer 64-wide deep linear network: SGD vs Adam vs Muon (loss curves, final
@@ -22,18 +25,19 @@ Sections (each measured in one process, so the ratios inside a table are fair):
             DDP-style all_gather / FSDP2 all_to_all, at 1 and 2 ranks (gloo on CPU, NCCL on GPU)
   gpu       (not in the default list; --gpu=True) tests/test_cuda.py + one table of GPU numbers
   gpu_ns    (not in the default list; --gpu=True) NS5 with the Triton kernels vs torch by size
+  trace     (not in the default list) the code one plain Muon update runs: functions, their
+            definition lines and the distinct lines executed (sys.settrace), against the goals
 Writes out/bench/results.json (sections merge into an existing file), out/bench/results.md
 (the markdown tables) and PNGs.
 """
 import os
 
-# On a shared CPU, OpenMP's default spin-waiting makes torch's 2-thread ops up to 100x slower (a
+# On a shared CPU, OpenMP's default spin-waiting makes torch's 2-thread ops many times slower (a
 # thread spins at a barrier while its partner is descheduled); sleeping waiters fix it. Must be set
 # before torch loads OpenMP. Override by setting OMP_WAIT_POLICY yourself.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import copy
-import hashlib
 import json
 import math
 import platform
@@ -49,7 +53,7 @@ import muon_optim as mo
 
 # -----------------------------------------------------------------------------
 # settings, each overridable as --name=value
-only = "speed,quality,step,showdown"  # comma list of sections: speed, quality, step, showdown, distributed, gpu
+only = "speed,quality,step,showdown"  # comma list of: speed, quality, step, showdown, distributed, gpu, gpu_ns, trace
 quick = False  # fewer shapes and repeats
 gpu = False  # True: the GPU validation (tests/test_cuda.py + one table; needs CUDA), same as --only=gpu
 threads = 0  # 0: torch's default (all cores)
@@ -59,7 +63,7 @@ label = ""  # machine label for the tables, e.g. "2-core CPU, shared/noisy"; def
 out_dir = "out/bench"
 seed = 42
 # -----------------------------------------------------------------------------
-SECTIONS = ("speed", "quality", "step", "showdown", "distributed", "gpu", "gpu_ns")
+SECTIONS = ("speed", "quality", "step", "showdown", "distributed", "gpu", "gpu_ns", "trace")
 
 
 def parse_overrides(argv, defaults):
@@ -114,7 +118,8 @@ def settings_help(defaults):
     return "\n".join(out)
 
 
-if __name__ == "__main__":
+if __name__ in ("__main__", "__mp_main__"):  # __mp_main__: a spawned worker (bench_distributed) runs this
+    # file again with the parent's sys.argv, so it sees the same settings
     globals().update(parse_overrides(sys.argv[1:], {k: v for k, v in globals().items() if not k.startswith("_")
                                                     and isinstance(v, (bool, int, float, str))
                                                     and k in ("only", "quick", "gpu", "threads", "repeats",
@@ -245,7 +250,7 @@ def bench_speed():
     for shape in shapes:
         if device == "cuda" or mo.cpu_fast_bf16()[0]:
             cases += [(shape, torch.bfloat16), (shape, torch.float32)]
-        else:  # bf16 matmul on a CPU without AMX is 10-100x slower: only the tiny shapes, to show it
+        else:  # bf16 matmul on a CPU without AMX is emulated, far slower: only tiny shapes, to show it
             cases.append((shape, torch.float32))
             if max(shape) <= 512 and shape in (TINY_SHAPES[-1], TINY_SHAPES[1]):
                 cases.append((shape, torch.bfloat16))
@@ -366,10 +371,10 @@ def bench_quality():
         G = ((U * s) @ V.T).float().to(device)
         for dtype in dtypes:
             for name, fn in methods:
-                O = fn(G, dtype=dtype).double().cpu()
-                sv = torch.linalg.svdvals(O)
-                ortho = ((O @ O.T - torch.eye(m, dtype=torch.float64)).norm() / math.sqrt(m)).item()
-                err = ((O - polar).norm() / polar.norm()).item()
+                out = fn(G, dtype=dtype).double().cpu()
+                sv = torch.linalg.svdvals(out)
+                ortho = ((out @ out.T - torch.eye(m, dtype=torch.float64)).norm() / math.sqrt(m)).item()
+                err = ((out - polar).norm() / polar.norm()).item()
                 below = (sv < 0.5).float().mean().item()
                 rows.append(dict(cond=cond, dtype=str(dtype).replace("torch.", ""), method=name, sv_min=sv.min().item(),
                                  sv_max=sv.max().item(), ortho_err=ortho, err_vs_polar=err, frac_sv_below_half=below))
@@ -382,7 +387,40 @@ def bench_quality():
            "NS5 trades exactness for speed on purpose (singular values ~[0.7, 1.2] once they have grown); "
            "the smallest singular values of ill-conditioned inputs need more steps to grow for every method.")
     plot_quality(rows, conds)
-    return dict(rows=rows, shape=[m, n], md=md)
+    check = default_dtype_check()
+    md += "\n\n" + check.pop("md")
+    return dict(rows=rows, shape=[m, n], default_dtype_check=check, md=md)
+
+
+def default_dtype_check():
+    """The check to run after copying muon_optim.py to a machine: per shape, the compute dtype
+    muon_optim picks here (and why), then for NS5 and Polar Express in that dtype the singular-value
+    range of the output, its RMS error vs the exact SVD polar factor U V^T, and the time per call."""
+    shapes = [(128, 128), (768, 768)] if quick else [(128, 128), (512, 128), (768, 768), (768, 3072), (4, 256, 256)]
+    why = ("CUDA: bf16 (tensor cores)" if device == "cuda" else
+           f"CPU, {mo.cpu_fast_bf16()[1]}: {mo.compute_dtype_rule(device)}")
+    why = f"muon_optim.NS_DTYPE = {mo.NS_DTYPE}" if mo.NS_DTYPE is not None else why
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for shape in shapes:
+        G = torch.randn(*shape, generator=gen).to(device)
+        U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+        polar = U @ Vh
+        dtype = mo.default_ns_dtype(device, shape)
+        fns = {"NS5": lambda: mo.zeropower_via_newtonschulz5(G, dtype=dtype),
+               "Polar Express": lambda: mo.polar_express(G, dtype=dtype)}
+        times = time_interleaved(fns)
+        for name, fn in fns.items():
+            out = fn().double()
+            sv = torch.linalg.svdvals(out)
+            err = ((out - polar).square().mean().sqrt() / polar.square().mean().sqrt()).item()
+            rows.append(dict(shape=list(shape), dtype=str(dtype).replace("torch.", ""), method=name,
+                             sv_min=sv.min().item(), sv_max=sv.max().item(), err=err, ms=times[name]["ms"]))
+    md = f"Default compute dtype here: {why}.\n\n" + md_table(
+        ["shape", "dtype", "method", "sv min", "sv max", "RMS error vs U Vᵀ", "ms / call"],
+        [(fmt_shape(r["shape"]), r["dtype"], r["method"], f"{r['sv_min']:.3f}", f"{r['sv_max']:.3f}",
+          f"{r['err']:.4f}", f"{r['ms']:.2f}") for r in rows])
+    return dict(rows=rows, why=why, md=md)
 
 
 def plot_quality(rows, conds):
@@ -442,7 +480,7 @@ def bench_step():
                                                               else []) + \
         ["ours: Muon (Gram-NS)", "ours: Muon + NorMuon", "torch.optim.AdamW"]
     steps = {k: make(k) for k in kinds}
-    # torch.optim.Muon runs its NS in bf16: ~1 min per step on a CPU without fast bf16, so there one
+    # torch.optim.Muon runs its NS in bf16: very slow on a CPU without fast bf16, so there one
     # timed step without warm-up (its first step does the same work as the later ones); with fast
     # bf16 it is timed like the others, interleaved after a warm-up step
     torch_muon = make("torch.optim.Muon")
@@ -640,7 +678,7 @@ def _dist_step_worker(rank, world, port, out_path, kinds, n_steps):
                 out[kind]["ms"].append((time.perf_counter() - t0) * 1e3)
                 out[kind]["cpu_ms"].append((time.process_time() - c0) * 1e3)
                 out[kind]["bytes_sent"] = getattr(opt, "comm_bytes", 0)
-    torch.save(out, f"{out_path}.{rank}")
+    torch.save(dict(out, seed=seed), f"{out_path}.{rank}")
     dist.destroy_process_group()
 
 
@@ -665,10 +703,11 @@ def bench_distributed():
     ranks <= 0.75x the one-process step."""
     n_steps = 3 if quick else max(5, repeats * 2)
     worlds = [1, 2] if device == "cpu" or torch.cuda.device_count() >= 2 else [1]
-    rows, t = [], {}
+    rows, t, worker_seeds = [], {}, []
     for world in worlds:
         kinds = ["plain", "fsdp2"] if world == 1 else ["plain", "ddp", "fsdp2"]
         ranks = _run_dist(world, kinds, n_steps)
+        worker_seeds += [r["seed"] for r in ranks]
         for kind in kinds:
             if kind == "plain":
                 ranks = ranks[:1]  # rank 0 alone
@@ -687,18 +726,90 @@ def bench_distributed():
     formula = mo.sharded_comm_bytes([(w, w)] * n, 2)
     md = md_table(["path", "ranks", "timed among", "ms / step (slowest rank)", "CPU ms / step", "x one process",
                    "bytes sent per rank"],
-                  [(names[r["kind"]], r["world"], f"{r['process_set']} process(es)", f"{r['ms']:.1f}", f"{r['cpu_ms']:.1f}", f"{r['x_one_process']:.2f}x",
+                  [(names[r["kind"]], r["world"], f"{r['process_set']} process(es)", f"{r['ms']:.1f}",
+                    f"{r['cpu_ms']:.1f}", f"{r['x_one_process']:.2f}x",
                     " / ".join(f"{b / 1e6:.2f} MB" for b in r["bytes_sent_per_rank"])) for r in rows])
     ratio = t.get(("fsdp2", 2), float("nan")) / base
     cpu = {(r["kind"], r["process_set"]): r["cpu_ms"] for r in rows}
     cpu_ratio = cpu.get(("fsdp2", 2), float("nan")) / cpu[("plain", worlds[-1])]
     goal = ratio <= 0.75
-    md += (f"\n\nModel: {n} Linear({w}, {w}) weights, fp32, NS5 in fp32, {'gloo, 1 thread per process' if device == 'cpu' else 'NCCL'}; "
+    backend = "gloo, 1 thread per process" if device == "cpu" else "NCCL"
+    md += (f"\n\nModel: {n} Linear({w}, {w}) weights, fp32, NS5 in fp32, {backend}; "
            f"median of {n_steps} steps after 2 warm-up steps, ranks aligned by a barrier before each. FSDP2 bytes "
            f"(all ranks, formula mo.sharded_comm_bytes): {formula / 1e6:.2f} MB per step at 2 ranks. Goal: FSDP2 on 2 "
            f"ranks <= 0.75x one process: {'met' if goal else 'NOT met'} ({ratio:.2f}x wall, {cpu_ratio:.2f}x CPU time "
            "per rank; the one-process step is timed in the same process set, interleaved, rank 0 alone).")
-    return dict(rows=rows, ratio_fsdp2_2_vs_1=ratio, cpu_ratio_fsdp2_2_vs_1=cpu_ratio, goal_met=goal, formula_bytes_2_ranks=formula, md=md)
+    return dict(rows=rows, worker_seeds=worker_seeds, ratio_fsdp2_2_vs_1=ratio, cpu_ratio_fsdp2_2_vs_1=cpu_ratio,
+                goal_met=goal, formula_bytes_2_ranks=formula, md=md)
+
+
+# -----------------------------------------------------------------------------
+# 8. the code a reader follows through one plain update
+
+def trace_plain_step(shape=(64, 32)):
+    """Which code of muon_optim.py one plain update runs: one process, one 2D tensor, default
+    options, the second opt.step() (the first also creates the state), traced with sys.settrace.
+    Returns the functions (name, first line, definition lines) and the distinct executed lines."""
+    import inspect
+    p = torch.nn.Parameter(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)))
+    opt = mo.Muon([p])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    codes, lines = set(), set()
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_filename != mo.__file__:
+            return None
+        codes.add(frame.f_code)
+        if event == "line":
+            lines.add(frame.f_lineno)
+        return tracer
+
+    p.grad = torch.randn_like(p)
+    sys.settrace(tracer)
+    try:
+        opt.step()
+    finally:
+        sys.settrace(None)
+    functions = []
+    for c in codes:
+        if not c.co_name.startswith("<"):  # comprehensions and lambdas belong to the function around them
+            src = inspect.getsourcelines(c)[0]  # from the def line on (decorators not counted):
+            functions.append((c.co_firstlineno, c.co_name, len(src) - [x.lstrip()[:4] for x in src].index("def ")))
+    return sorted(functions), sorted(lines)
+
+
+def longest_function(path):
+    """(lines, name) of the longest function or method defined in the file at path."""
+    import ast
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    return max((n.end_lineno - n.lineno + 1, n.name) for n in ast.walk(tree)
+               if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+
+def bench_trace():
+    """Goals (issue: a core that reads like KellerJordan's muon.py): one plain update in <= 8
+    functions, <= 150 lines of their definitions, <= 60 distinct executed lines; class Muon before
+    line 400; the file <= 1,150 lines."""
+    functions, lines = trace_plain_step()
+    with open(mo.__file__) as f:
+        source = f.read().splitlines()
+    muon_line = next(i for i, line in enumerate(source, 1) if line.startswith("class Muon("))
+    def_lines = sum(n for _, _, n in functions)
+    longest = longest_function(mo.__file__)
+    goals = {"<= 8 functions": len(functions) <= 8, "<= 150 definition lines": def_lines <= 150,
+             "<= 60 executed lines": len(lines) <= 60, "class Muon before line 400": muon_line < 400,
+             "file <= 1,150 lines": len(source) <= 1150}
+    md = md_table(["function", "line", "definition lines"], [(name, first, n) for first, name, n in functions])
+    md += (f"\n\n{len(functions)} functions, {def_lines} lines of their definitions, {len(lines)} distinct executed "
+           f"lines (from line {lines[0]} to {lines[-1]}); class Muon at line {muon_line}; muon_optim.py "
+           f"{len(source)} lines, its longest function {longest[1]} ({longest[0]} lines). Goals: "
+           + "; ".join(f"{g}: {'met' if ok else 'NOT met'}" for g, ok in goals.items()) + ".")
+    return dict(functions=[dict(name=name, line=first, lines=n) for first, name, n in functions],
+                n_functions=len(functions), definition_lines=def_lines, executed_lines=len(lines),
+                class_muon_line=muon_line, file_lines=len(source), longest_function=list(longest), goals=goals,
+                md=md)
 
 
 # -----------------------------------------------------------------------------
@@ -752,7 +863,7 @@ def bench_gpu():
     with open(os.path.join(out_dir, "test_cuda.log"), "w") as f:  # the whole pytest report, failures included
         f.write(proc.stdout + proc.stderr)
     print(proc.stdout[-4000:], flush=True)
-    summary = [l for l in proc.stdout.splitlines() if " passed" in l or " failed" in l or " error" in l]
+    summary = [line for line in proc.stdout.splitlines() if " passed" in line or " failed" in line or " error" in line]
     rows.append(("tests/test_cuda.py", summary[-1] if summary else proc.stdout[-300:], ""))
     gen = torch.Generator().manual_seed(seed)
     for shape in [(768, 768), (768, 3072), (12, 768, 768)]:
@@ -770,8 +881,8 @@ def bench_gpu():
                      f"{t['torch']['ms'] / bound_ms:.2f}x matmul bound"))
         if "triton" in t:
             rows.append((f"NS5 bf16 {fmt_shape(shape)}, Triton", f"{t['triton']['ms']:.3f} ms",
-                         f"{t['triton']['ms'] / bound_ms:.2f}x matmul bound, {t['torch']['ms'] / t['triton']['ms']:.2f}x "
-                         "faster than torch"))
+                         f"{t['triton']['ms'] / bound_ms:.2f}x matmul bound, "
+                         f"{t['torch']['ms'] / t['triton']['ms']:.2f}x faster than torch"))
     shapes = [s for _ in range(12) for s in GPT2_LAYERS.values()]
     weights = [torch.randn(*s, generator=gen).to(device) * 0.02 for s in shapes]
 
@@ -822,11 +933,12 @@ def bench_gpu_ns():
 
 
 RUNNERS = dict(speed=bench_speed, quality=bench_quality, step=bench_step, showdown=bench_showdown,
-               distributed=bench_distributed, gpu=bench_gpu, gpu_ns=bench_gpu_ns)
+               distributed=bench_distributed, gpu=bench_gpu, gpu_ns=bench_gpu_ns, trace=bench_trace)
 TITLES = dict(speed="1. Orthogonalization speed", quality="2. Orthogonalization quality",
               step="3. Optimizer step time (4 GPT-2-small matrices)", showdown="4. Deep-linear-network showdown",
               distributed="5. Distributed optimizer step (DDP-style and FSDP2)", gpu="6. GPU validation",
-              gpu_ns="7. NS5 on the GPU: Triton kernels vs torch by size")
+              gpu_ns="7. NS5 on the GPU: Triton kernels vs torch by size",
+              trace="8. The code one plain Muon update runs (muon_optim.py, traced)")
 
 if __name__ == "__main__":
     json_path = os.path.join(out_dir, "results.json")

@@ -31,7 +31,7 @@ def test_triton_kernels_match_torch_at_real_shapes(shape):
     assert M.triton_verified(torch.device("cuda"), torch.bfloat16), "the first-use check rejected the kernels"
     gen = torch.Generator(device="cuda").manual_seed(0)
     G = torch.randn(*shape, device="cuda", generator=gen)
-    X = M._normalized(G if G.ndim == 3 else G[None], torch.bfloat16, 1.0, 1e-7)
+    X = M.zeropower_via_newtonschulz5(G if G.ndim == 3 else G[None], dtype=torch.bfloat16, coeffs=[])  # normalized
     X = X if X.size(-2) <= X.size(-1) else X.mT.contiguous()
     ref = torch.bmm(X.float(), X.float().mT)
     assert rel_err(M.triton_sym_matmul_t(X), ref) < 1e-2
@@ -70,7 +70,8 @@ def write_random_shards(data_dir, n_train=2, tokens=2_000_000, vocab=50257):
     """Token shards in the llm.c format (what prepare_fineweb.py writes), random GPT-2 ids."""
     os.makedirs(data_dir, exist_ok=True)
     rng = np.random.default_rng(0)
-    for i, name in enumerate(["fineweb_val_000000.bin"] + [f"fineweb_train_{k:06d}.bin" for k in range(1, n_train + 1)]):
+    names = ["fineweb_val_000000.bin"] + [f"fineweb_train_{k:06d}.bin" for k in range(1, n_train + 1)]
+    for i, name in enumerate(names):
         header = np.zeros(256, dtype=np.int32)
         header[:3] = 20240520, 1, tokens
         with open(os.path.join(data_dir, name), "wb") as f:

@@ -35,18 +35,18 @@ for dtype in ("float32", "bfloat16", "float16"):
     for B, M, K, bm, bk in cases:
         X = torch.randn(B, M, K).to(dt)
         ref = X.float() @ X.float().mT
-        C = mo._launch_sym(X, None, 1.0, 0.0, block_m=bm, block_k=bk)
+        C = mo._launch_sym(X, None, 1.0, 0.0, config=(bm, bk, 4))
         key = f"{dtype}/{B}x{M}x{K}"
         out["xxt/" + key] = rel(C, ref)
         out["xxt_asym/" + key] = (C.float() - C.float().mT).abs().max().item() / ref.abs().max().item()
         out["xxt_dtype_ok/" + key] = float(C.dtype == dt and C.shape == (B, M, M))
         Xt = torch.randn(B, K, M).to(dt).mT  # a strided (transposed) view
-        out["xxt_strided/" + key] = rel(mo._launch_sym(Xt, None, 1.0, 0.0, block_m=bm, block_k=bk),
+        out["xxt_strided/" + key] = rel(mo._launch_sym(Xt, None, 1.0, 0.0, config=(bm, bk, 4)),
                                         Xt.float() @ Xt.float().mT)
         A = (ref / ref.norm(dim=(-2, -1), keepdim=True)).to(dt)  # symmetric, norm 1 like in the iteration
         b, c = -4.7750, 2.0315
         ref2 = b * A.float() + c * A.float() @ A.float()
-        out["poly/" + key] = rel(mo._launch_sym(A, A, c, b, block_m=bm, block_k=bk), ref2)
+        out["poly/" + key] = rel(mo._launch_sym(A, A, c, b, config=(bm, bk, 4)), ref2)
 # the dispatch: with the size gate lowered, the iterations run through the kernels on CPU tensors
 assert mo.triton_verified(torch.device("cpu"), torch.float32)  # the first-use check, before counting
 launches = []
@@ -73,7 +73,7 @@ def kernel_results():
     proc = subprocess.run([sys.executable, "-c", KERNEL_SCRIPT, str(REPO)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
+    line = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")][-1]
     return json.loads(line[len("RESULT"):])
 
 
@@ -103,7 +103,7 @@ import torch
 import muon_optim as mo
 mo.TRITON_MIN_WORK = 0
 right = mo.triton_sym_matmul_t
-mo.triton_sym_matmul_t = lambda X: right(X) * 1.01  # a kernel that is 1% off
+mo.triton_sym_matmul_t = lambda X, config=None: right(X, config) * 1.01  # a kernel that is 1% off
 torch.manual_seed(0)
 G = [torch.randn(40, 90), torch.randn(40, 90)]
 def step():
@@ -134,12 +134,57 @@ def test_wrong_triton_kernel_warns_once_and_falls_back():
     proc = subprocess.run([sys.executable, "-c", WRONG_KERNEL_SCRIPT, str(REPO)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
+    out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT")][-1][len("RESULT"):])
     triton_warnings = [w for w in out["warnings"] if "Triton kernel" in w]
     assert len(triton_warnings) == 1, out["warnings"]
     assert "triton_sym_matmul_t" in triton_warnings[0] and "USE_TRITON = False" in triton_warnings[0]
     assert out["verified"] is False
     assert out["err"] == 0.0 and out["err_again"] == 0.0
+
+
+CONFIG_KERNEL_SCRIPT = r"""
+import json, sys, warnings
+sys.path.insert(0, sys.argv[1])
+import torch
+import muon_optim as mo
+mo.TRITON_MIN_WORK = 0
+kernel = mo._sym_kernel
+class WrongForLargeTiles:  # a kernel that miscompiles for the large-matrix tiles only (BLOCK_M=128)
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            kernel[grid](*args, **kw)
+            if kw["BLOCK_M"] == 128:
+                args[2].mul_(1.01)  # C
+        return launch
+mo._sym_kernel = WrongForLargeTiles()
+X = torch.randn(1, 1030, 40, generator=torch.Generator().manual_seed(0))  # M >= 1024: the large tiles
+def x_xt(X):  # the iterations' dispatch: the kernel where _triton_ok (which runs the first-use check), else torch
+    return (mo.triton_sym_matmul_t(X), True) if mo._triton_ok(X) else (torch.bmm(X, X.mT), False)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    small, small_used = x_xt(X[:, :100])  # the small tiles: correct, used
+    got, used = x_xt(X)
+print("RESULT" + json.dumps(dict(warnings=[str(w.message) for w in caught], small_used=small_used, used=used,
+                                 err=(got - torch.bmm(X, X.mT)).abs().max().item(),
+                                 small_err=(small - torch.bmm(X[:, :100], X[:, :100].mT)).abs().max().item())))
+"""
+
+
+def test_triton_self_check_covers_every_kernel_configuration():
+    """Large matrices launch the kernel with other tiles and warps than small ones; a configuration
+    that miscompiles is caught by its own first-use check (one warning, then torch) instead of
+    giving a wrong result because another configuration passed."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", CONFIG_KERNEL_SCRIPT, str(REPO)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT")][-1][len("RESULT"):])
+    assert out["small_used"] and out["small_err"] < 1e-4
+    assert out["err"] < 1e-4, f"large-tile result off by {out['err']}: its configuration was never checked"
+    triton_warnings = [w for w in out["warnings"] if "Triton kernel" in w]
+    assert len(triton_warnings) == 1 and "128" in triton_warnings[0], out["warnings"]
+    assert not out["used"]
 
 
 def test_iterations_dispatch_to_kernels(kernel_results):
@@ -170,10 +215,10 @@ def _rel(A, B):
 @pytest.mark.parametrize("shape", [(64, 256), (300, 70), (3, 40, 200), (2, 2, 24, 100), (128, 512)])
 def test_gram_equals_standard_iteration_fp32(shape):
     G = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
-    O = mo.gram_newton_schulz(G, dtype=torch.float32)
+    D = mo.gram_newton_schulz(G, dtype=torch.float32)
     ref = mo.zeropower_via_newtonschulz5(G.double(), dtype=torch.float64)
-    assert O.shape == G.shape and O.dtype == torch.float32
-    assert _rel(O, ref) < 1e-5
+    assert D.shape == G.shape and D.dtype == torch.float32
+    assert _rel(D, ref) < 1e-5
 
 
 @pytest.mark.parametrize("restart_after", [2, 1, None])
@@ -181,24 +226,24 @@ def test_gram_equals_standard_iteration_fp32(shape):
 def test_gram_bf16_close_to_standard(shape, restart_after):
     G = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
     ref = mo.zeropower_via_newtonschulz5(G.double(), dtype=torch.float64)
-    O = mo.gram_newton_schulz(G, dtype=torch.bfloat16, restart_after=restart_after)
+    D = mo.gram_newton_schulz(G, dtype=torch.bfloat16, restart_after=restart_after)
     plain = mo.zeropower_via_newtonschulz5(G, dtype=torch.bfloat16)
-    assert O.dtype == torch.bfloat16
+    assert D.dtype == torch.bfloat16
     # measured: plain bf16 ~1.5e-2, Gram bf16 2-5e-2 from the exact fp64 iteration (NS5 itself is
     # ~0.3 away from U V^T, so both are far inside what Muon tolerates)
     assert _rel(plain, ref) < 0.03
-    assert _rel(O, ref) < 0.08
-    sv = torch.linalg.svdvals(O.double())
+    assert _rel(D, ref) < 0.08
+    sv = torch.linalg.svdvals(D.double())
     assert sv.min() > 0.5 and sv.max() < 1.3
 
 
 def test_gram_custom_coeffs_and_steps():
     G = torch.randn(32, 160, generator=torch.Generator().manual_seed(3))
     for steps in (1, 3, 7):
-        O = mo.gram_newton_schulz(G, steps=steps, dtype=torch.float32)
-        assert _rel(O, mo.zeropower_via_newtonschulz5(G.double(), steps=steps, dtype=torch.float64)) < 1e-5
+        D = mo.gram_newton_schulz(G, steps=steps, dtype=torch.float32)
+        assert _rel(D, mo.zeropower_via_newtonschulz5(G.double(), steps=steps, dtype=torch.float64)) < 1e-5
     coeffs = mo.POLAR_EXPRESS_COEFFS
-    ref = mo._odd_polynomial_iteration(G.double(), coeffs, torch.float64, 1.0, 1e-7)
+    ref = mo.zeropower_via_newtonschulz5(G.double(), dtype=torch.float64, coeffs=coeffs)
     assert _rel(mo.gram_newton_schulz(G, coeffs=coeffs, dtype=torch.float32), ref) < 1e-5
 
 
@@ -219,9 +264,9 @@ def test_gram_near_square_uses_standard_iteration(monkeypatch):
     assert torch.equal(mo.gram_newton_schulz(G), mo.zeropower_via_newtonschulz5(G))
     monkeypatch.setattr(mo, "GRAM_MIN_ASPECT", 1.0)  # force the Gram path on a square matrix
     Gs = torch.randn(80, 80, generator=torch.Generator().manual_seed(5))
-    O = mo.gram_newton_schulz(Gs)
-    assert not torch.equal(O, mo.zeropower_via_newtonschulz5(Gs))  # really the other code path ...
-    assert _rel(O, mo.zeropower_via_newtonschulz5(Gs.double(), dtype=torch.float64)) < 1e-5  # ... same result
+    D = mo.gram_newton_schulz(Gs)
+    assert not torch.equal(D, mo.zeropower_via_newtonschulz5(Gs))  # really the other code path ...
+    assert _rel(D, mo.zeropower_via_newtonschulz5(Gs.double(), dtype=torch.float64)) < 1e-5  # ... same result
 
 
 def test_gram_rejects_vectors_and_muon_accepts_it():

@@ -349,7 +349,8 @@ def test_hsdp_2x2_mesh(four_ranks):
 
 
 @pytest.mark.parametrize("scenario, message", [
-    ("mismatch_order", r"ranks disagree.*parameter 0 of param group 0 \('muon'\): rank 0 has .*\(3, 16, 4\).*rank 1 has"),
+    ("mismatch_order",
+     r"ranks disagree.*parameter 0 of param group 0 \('muon'\): rank 0 has .*\(3, 16, 4\).*rank 1 has"),
     ("mismatch_grad", r"parameter \d of param group 0 \('muon'\) \(shape \(24, 7\), sharded\).*gradient on some ranks"),
 ])
 def test_rank_mismatch_raises_instead_of_hanging(two_ranks, scenario, message):
