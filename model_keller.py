@@ -12,9 +12,11 @@ Differences from GPT-2 / nanoGPT, each from the modded-nanogpt speedrun:
   - residual projections (attention c_proj, MLP c_proj) and the head are zero-initialized.
     Why zero rather than GPT-2's N(0, 0.02/sqrt(2*n_layer)): every block then starts as the identity, so
     the initial residual stream and loss (exactly ln(vocab)) do not depend on depth, and there is no
-    depth-dependent scale to tune. Zero does not stall training: the projections' gradients are non-zero
-    from the first step (their inputs are not zero), and Muon's orthogonalized step gives them a
-    full-rank update of a well-defined size right away (AdamW's step is also scale-free).
+    depth-dependent scale to tune. Zero delays the start by two steps but does not stall it: at step 0
+    only lm_head has a gradient (the zero head passes none back into the residual stream); from step 1
+    the residual projections and the embedding have one too (their inputs are not zero), from step 2
+    every matrix. Muon's orthogonalized step gives each a full-rank update of a well-defined size as soon
+    as its gradient is non-zero (AdamW's step is also scale-free).
 """
 import math
 from dataclasses import dataclass
@@ -74,7 +76,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = (lin(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2) for lin in (self.c_q, self.c_k, self.c_v))
+        q, k, v = (lin(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+                   for lin in (self.c_q, self.c_k, self.c_v))
         q, k = self.rotary(norm(q)), self.rotary(norm(k))  # QK-norm, then rotate
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
@@ -143,7 +146,7 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):
         """idx: (B, T) token ids. Returns logits (B, T, vocab) in fp32, or the mean cross-entropy if targets
-        (B, T) are given (positions with target -1 are ignored)."""
+        (B, T) are given (positions with target -1 are ignored; a slice such as x[:, 1:] is fine)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -153,7 +156,7 @@ class GPT(nn.Module):
         logits = self.lm_head(norm(x)).float()
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def num_params(self, non_embedding=False):
         """Parameter count; non_embedding=True leaves out the token embedding (a lookup, not a matmul)."""

@@ -7,19 +7,21 @@ train_muon.py -- train a GPT (model_keller.py) on token shards with Muon, and co
     torchrun --standalone --nproc_per_node=8 train_muon.py       # 8 GPUs, DDP (NCCL); on CPU it uses gloo
     torchrun --standalone --nproc_per_node=8 train_muon.py --fsdp=True   # FSDP2: models that don't fit one GPU
     python train_muon.py --resume=True                           # continue from out_dir/ckpt/
+    python train_muon.py --help                                  # every setting with its default
 
 Every constant below can be overridden as --name=value (flags are True/False, lists comma-separated).
 `optimizers` is a comma list of "muon" and "adamw", each optionally with a learning rate, e.g.
 "muon:0.03,adamw:2e-3" (muon:LR sets lr_muon; its Adam groups keep lr_head/lr_embed/lr_scalar). The runs
 train one after another, each from the same initial weights on the same batches in the same order.
-
 stop_after_steps=N trains at most N steps in this invocation (all runs together), then checkpoints and
 exits: a job script that reruns the same command with --resume=True advances N steps per job.
 
-Outputs in out_dir: metrics.json (every train and eval point of every run, the config and the hash of the
-code), loss.png (train and validation curves), ckpt/<run>.pt (model, optimizer, step, data position, RNG
-state, vocab table, config, code hash; written atomically). With --fsdp=True, ckpt/<run>/ is a
-torch.distributed.checkpoint directory instead (sharded; any number of ranks can resume from it).
+A run's identity: its settings, the compute dtype muon_optim picks, the code hash and the data fingerprint.
+--resume=True continues only a checkpoint of the same identity (the RESUMABLE settings may differ).
+Outputs in out_dir: metrics.json (per run its identity, status "finished", "stopped" or "diverged", every
+train and eval point), loss.png, ckpt/<run>.pt (model, optimizer, step, data position, RNG state, vocab
+table, identity; atomic) or, with --fsdp=True, a torch.distributed.checkpoint directory ckpt/<run>/.
+Exit status: 0; 3 if a run diverged; 130 / 143 after Ctrl-C / SIGTERM (the run checkpointed first).
 """
 import glob
 import hashlib
@@ -35,9 +37,12 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from tqdm import tqdm
 
 from model_keller import GPT, GPTConfig
+from muon_optim import ORTHOGONALIZERS, Muon, compute_dtype_rule
 
 # -----------------------------------------------------------------------------
 # Constants (nanoGPT style): edit here or override as --name=value
@@ -81,13 +86,13 @@ eps_adamw = 1e-8
 weight_decay = 0.1
 grad_clip = 0.0  # clip the global grad norm (0 = off)
 # evaluation, logging, checkpoints
-eval_every = 250
+eval_every = 250  # steps between evaluations of the val loss (and at the end)
 eval_tokens = 10 * 65536  # a fixed slice from the start of the val shard
-log_every = 10
+log_every = 10  # steps between printed train losses (every step goes to metrics.json)
 ckpt_every = 1000  # 0 = only at the end, on Ctrl-C and at stop_after_steps
 save_checkpoint = True  # False: write no checkpoints (then --resume has nothing to continue)
 stop_after_steps = 0  # > 0: train at most this many steps in this invocation, checkpoint, exit (job time limits)
-resume = False  # continue every run from its checkpoint in out_dir/ckpt/ (finished runs are kept as they are)
+resume = False  # continue each run from its checkpoint in out_dir/ckpt/ of the same identity (finished: kept)
 out_dir = "out/muon"
 wandb_log = False  # True: also log the metrics of metrics.json to Weights & Biases (one wandb run per run)
 wandb_project = "muon-lab"
@@ -95,21 +100,21 @@ wandb_run_name = ""  # "" = out_dir's last component; each run logs as <name>-<r
 # system
 device = "auto"  # auto = cuda if available, else cpu
 compile = True  # torch.compile (CUDA only; ignored on CPU)
-fsdp = False  # True: FSDP2 (fully_shard per block, then the root) instead of DDP; checkpoints via torch.distributed.checkpoint
+fsdp = False  # True: FSDP2 (fully_shard per block, then the root) instead of DDP; checkpoints via DCP
 threads = 0  # CPU threads for torch (0 = torch's default)
-seed = 1337
-compare = ""  # comma list of out_dirs: skip training, merge their metrics.json (e.g. sweeps run as separate jobs)
+seed = 1337  # the initial weights (the batches are the same for every seed)
 # -----------------------------------------------------------------------------
 CONFIG = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str))}
 
 SCRIPT = "train_muon.py"
 CODE_FILES = ("train_muon.py", "model_keller.py", "muon_optim.py")  # what a run's code hash covers
-# settings a resumed run must share with its checkpoint (others, e.g. eval_every or out_dir, may change)
-RESUME_MUST_MATCH = ("data_dir", "train_files", "vocab_top", "vocab_size", "block_size", "n_layer", "n_head", "n_embd",
-                     "batch_size", "grad_accum_steps", "seed")
+# settings that may differ between a checkpoint and the run that resumes it (they do not change what is learned;
+# data_dir: the data's content is in the identity); any other difference is another run, refused
+RESUMABLE = ("resume", "stop_after_steps", "eval_every", "log_every", "ckpt_every", "save_checkpoint", "out_dir",
+             "data_dir", "threads", "wandb_log", "wandb_project", "wandb_run_name")
 
 # -----------------------------------------------------------------------------
-# Small helpers pasted verbatim from shared_helpers.py (tests/test_consistency.py keeps the copies identical)
+# Small helpers pasted into each script that needs them (tests/test_consistency.py keeps the copies identical)
 
 def parse_overrides(argv, defaults):
     """--name=value overrides of the constants at the top of a script (nanoGPT style).
@@ -263,28 +268,61 @@ def read_shard(path):
     return np.memmap(path, dtype=np.uint16, mode="r", offset=SHARD_HEADER_INTS * 4, shape=(n,))
 
 
-def code_hash():
-    """Hash of the code that determines a run (trainer, model, optimizer), stored in metrics and checkpoints."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    return source_hash(*(os.path.join(here, f) for f in CODE_FILES))
+# -----------------------------------------------------------------------------
+# Settings, checked before anything trains, and a run's identity
+
+POSITIVE = ("max_steps", "batch_size", "grad_accum_steps", "block_size", "n_layer", "n_head", "n_embd", "vocab_size",
+            "eval_every", "log_every", "eval_tokens", "lr_muon", "lr_head", "lr_embed", "lr_scalar", "lr_adamw",
+            "eps_adam", "eps_adamw")
+NON_NEGATIVE = ("warmup_steps", "momentum_muon_warmup", "weight_decay", "weight_decay_muon", "grad_clip", "ckpt_every",
+                "stop_after_steps", "threads")
+
+
+def check_settings(cfg):
+    """Stop with one line (the setting, its bad value, the fix) before anything trains; returns the runs."""
+    def bad(key, fix):
+        raise SystemExit(f"--{key}={cfg[key]}: {fix}")
+    for key in (k for k in POSITIVE if not cfg[k] > 0):
+        bad(key, "must be > 0")
+    for key in (k for k in NON_NEGATIVE if cfg[k] < 0):
+        bad(key, "must be >= 0")
+    for key, top in (("cooldown_frac", 1.0), ("min_lr_frac", 1.0), ("momentum_muon", 0.999), ("normuon", 0.999)):
+        if not 0 <= cfg[key] <= top:
+            bad(key, f"must be in [0, {top}]")
+    if cfg["n_embd"] % cfg["n_head"]:
+        bad("n_head", f"must divide n_embd={cfg['n_embd']} (the head size is n_embd / n_head)")
+    if cfg["n_embd"] // cfg["n_head"] % 2:
+        bad("n_embd", f"n_embd / n_head = {cfg['n_embd'] // cfg['n_head']} must be even (rotary rotates channel pairs)")
+    if cfg["vocab_top"] and not 2 <= cfg["vocab_top"] <= 65536:
+        bad("vocab_top", "use 0 (all tokens) or a size in 2..65536")
+    if cfg["ns_method"] not in ORTHOGONALIZERS:
+        bad("ns_method", f"use one of {', '.join(ORTHOGONALIZERS)}")
+    if cfg["device"] not in ("auto", "cpu", "cuda") and not cfg["device"].startswith("cuda:"):
+        bad("device", "use auto, cpu or cuda")
+    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
+        bad("device", "no CUDA device on this machine; use --device=cpu (or auto)")
+    parse_betas(cfg["betas_adam"], "betas_adam"), parse_betas(cfg["betas_adamw"], "betas_adamw")
+    return parse_optimizers(cfg["optimizers"])
 
 
 def parse_optimizers(spec):
-    """'muon,adamw:2e-3' -> [('muon', None), ('adamw', 0.002)]; names must be unique (add the lr)."""
+    """'muon,adamw:2e-3' -> [('muon', None, 'muon'), ('adamw', 0.002, 'adamw:0.002')]: name, lr, run label."""
     runs = []
     for item in spec.split(","):
         name, _, lr = item.strip().partition(":")
         if name not in ("muon", "adamw"):
-            raise SystemExit(f"optimizers={spec!r}: unknown optimizer {name!r}; use muon and/or adamw")
-        runs.append((name, float(lr) if lr else None))
-    labels = [run_label(n, lr) for n, lr in runs]
-    if len(set(labels)) != len(labels):
-        raise SystemExit(f"optimizers={spec!r} lists a run twice")
+            raise SystemExit(f"--optimizers={spec}: unknown optimizer {name!r}; use muon and/or adamw, each "
+                             f"optionally with :lr")
+        try:
+            lr = float(lr) if lr else None
+        except ValueError:
+            raise SystemExit(f"--optimizers={spec}: {lr!r} is not a learning rate; write e.g. muon:0.03") from None
+        if lr is not None and not lr > 0:
+            raise SystemExit(f"--optimizers={spec}: a learning rate must be > 0")
+        runs.append((name, lr, name if lr is None else f"{name}:{lr:g}"))
+    if len({label for _, _, label in runs}) != len(runs):
+        raise SystemExit(f"--optimizers={spec}: lists a run twice; give each its own lr")
     return runs
-
-
-def run_label(name, lr):
-    return name if lr is None else f"{name}:{lr:g}"
 
 
 def parse_betas(text, key):
@@ -293,7 +331,23 @@ def parse_betas(text, key):
         b1, b2 = (float(x) for x in text.split(","))
     except ValueError:
         raise SystemExit(f"--{key}={text}: expected two comma-separated numbers, e.g. --{key}=0.9,0.95") from None
+    if not (0 <= b1 < 1 and 0 <= b2 < 1):
+        raise SystemExit(f"--{key}={text}: each beta must be in [0, 1), e.g. --{key}=0.9,0.95")
     return b1, b2
+
+
+def code_hash():
+    """Hash of the code that determines a run (trainer, model, optimizer)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return source_hash(*(os.path.join(here, f) for f in CODE_FILES))
+
+
+def run_identities(cfg, labels, env, data_hash):
+    """{label: run identity}: every resolved setting but the optimizer list, the run's label, the device type and
+    the compute dtype muon_optim picks there, the code hash and the data fingerprint."""
+    settings = {k: v for k, v in cfg.items() if k != "optimizers"}
+    settings.update(device=env["device_type"], compute_dtype=compute_dtype_rule(env["device"]))
+    return {label: run_identity(dict(settings, run=label), code_hash(), data_hash) for label in labels}
 
 
 # -----------------------------------------------------------------------------
@@ -301,14 +355,14 @@ def parse_betas(text, key):
 
 def find_shards(data_dir, pattern):
     if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"data_dir {data_dir!r} does not exist; create shards with `python prepare_fineweb.py` "
-                                f"(FineWeb-Edu) or `python prepare_fineweb.py --input='texts/*.txt' "
-                                f"--out_dir={data_dir}`, or pass --data_dir=...")
+        raise SystemExit(f"error: data_dir {data_dir!r} does not exist; create shards with `python prepare_fineweb.py` "
+                         f"(FineWeb-Edu) or `python prepare_fineweb.py --input='texts/*.txt' --out_dir={data_dir}`, "
+                         f"or pass --data_dir=...")
     files = sorted(glob.glob(os.path.join(data_dir, pattern)))
     if not files:
-        raise FileNotFoundError(f"no shards matching {pattern!r} in {data_dir!r}; prepare_fineweb.py writes "
-                                f"fineweb_val_000000.bin and fineweb_train_000001.bin, ... (if only the val shard is "
-                                f"there, rerun it with a smaller --shard_size)")
+        raise SystemExit(f"error: no shards matching {pattern!r} in {data_dir!r}; prepare_fineweb.py writes "
+                         f"fineweb_val_000000.bin and fineweb_train_000001.bin, ... (if only the val shard is there, "
+                         f"rerun it with a smaller --shard_size)")
     return files
 
 
@@ -318,24 +372,21 @@ def build_vocab_map(shards, top):
     counts = np.zeros(65536, dtype=np.int64)
     for tokens in shards:
         counts += np.bincount(tokens, minlength=65536)
-    keep = np.argsort(-counts, kind="stable")[:top - 1]
     table = np.full(65536, top - 1, dtype=np.int64)
-    table[keep] = np.arange(top - 1)
+    table[np.argsort(-counts, kind="stable")[:top - 1]] = np.arange(top - 1)
     return table
 
 
 class DataLoader:
     """The (x, y) micro-batches of one optimizer step, read in order from the shards. A step covers
     world * accum windows of B*T tokens (+1: y is x shifted by one); micro-step i of rank r reads window
-    i * world + r. So ranks read disjoint data, and every (world, accum) with the same product reads the
-    same tokens per step: 2 ranks x 1 micro-step == 1 process x 2 micro-steps. A step that does not fit in
-    the rest of a shard starts at the next shard (wrapping around after the last). The position is two
-    integers (state_dict), so a resumed run continues with the very next batch."""
+    i * world + r, so ranks read disjoint data and every (world, accum) with the same product reads the
+    same tokens per step. A step that does not fit in the rest of a shard starts at the next shard
+    (wrapping around). The position is two integers (shard, pos): a resumed run reads the very next batch."""
 
     def __init__(self, files, B, T, rank=0, world=1, accum=1, vocab_map=None):
-        self.shards = [read_shard(f) for f in files]
-        self.vocab_map = vocab_map
-        self.files, self.B, self.T, self.rank, self.world, self.accum = files, B, T, rank, world, accum
+        self.shards, self.vocab_map = [read_shard(f) for f in files], vocab_map
+        self.B, self.T, self.rank, self.world, self.accum = B, T, rank, world, accum
         self.span = world * accum * B * T  # tokens per step, all ranks together
         if all(len(s) < self.span + 1 for s in self.shards):
             raise ValueError(f"every shard is shorter than one step of {self.span + 1:,} tokens (processes x "
@@ -357,36 +408,27 @@ class DataLoader:
         self.pos += self.span
         return batches
 
-    def state_dict(self):
-        return dict(shard=self.shard, pos=self.pos)
 
-    def load_state_dict(self, state):
-        self.shard, self.pos = state["shard"], state["pos"]
-
-
-def load_data(cfg, vocab_map=None):
-    """(train files, vocab table or None, val tokens, cfg), checked so that the first errors a user meets
-    say what is missing and how to make it. A resumed run passes its checkpoint's vocab table: rebuilt from
-    the shards as they are now, embedding rows would silently change meaning if shards were added."""
-    files = find_shards(cfg["data_dir"], cfg["train_files"])
-    if cfg["vocab_top"]:
-        if not 2 <= cfg["vocab_top"] <= 65536:
-            raise ValueError(f"--vocab_top={cfg['vocab_top']}: use 0 (all tokens) or a size in 2..65536")
-        if vocab_map is None:
+def load_data(cfg, files, val_file, world, vocab_map=None):
+    """(vocab table or None, val tokens), checked so that the first errors a user meets say what is wrong and
+    how to fix it. A resumed run passes its checkpoint's vocab table (same data, same table: not recounted)."""
+    try:
+        DataLoader(files, cfg["batch_size"], cfg["block_size"], 0, world, cfg["grad_accum_steps"] // world)
+        if cfg["vocab_top"] and vocab_map is None:
             vocab_map = build_vocab_map([read_shard(f) for f in files], cfg["vocab_top"])
-        cfg = dict(cfg, vocab_size=cfg["vocab_top"])
-    val = read_shard(find_shards(cfg["data_dir"], cfg["val_files"])[0])[:cfg["eval_tokens"] + 1]
-    first = read_shard(files[0])
+        val, first = read_shard(val_file)[:cfg["eval_tokens"] + 1], read_shard(files[0])
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if vocab_map is not None:
         val, first = vocab_map[val], vocab_map[first]
     top_id = max(int(val.max()), int(first.max()))
     if top_id >= cfg["vocab_size"]:
-        raise ValueError(f"the shards hold token id {top_id} but vocab_size={cfg['vocab_size']}; raise "
+        raise SystemExit(f"error: the shards hold token id {top_id} but vocab_size={cfg['vocab_size']}; raise "
                          f"--vocab_size (50304 for GPT-2 BPE) or use --vocab_top=N")
     if len(val) < cfg["batch_size"] * cfg["block_size"] + 1:
-        raise ValueError(f"the val slice has {len(val)} tokens, less than one batch ({cfg['batch_size']}x"
+        raise SystemExit(f"error: the val slice has {len(val)} tokens, less than one batch ({cfg['batch_size']}x"
                          f"{cfg['block_size']}+1); raise eval_tokens or lower batch_size/block_size")
-    return files, vocab_map, val, cfg
+    return vocab_map, val
 
 
 # -----------------------------------------------------------------------------
@@ -397,10 +439,8 @@ def lr_multiplier(step, max_steps, warmup_steps, cooldown_frac, min_lr_frac=0.0)
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     cooldown_start = max_steps * (1 - cooldown_frac)
-    if step < cooldown_start:
-        return 1.0
     progress = (step - cooldown_start) / max(1.0, max_steps - cooldown_start)
-    return 1.0 - (1.0 - min_lr_frac) * min(progress, 1.0)
+    return 1.0 if step < cooldown_start else 1.0 - (1.0 - min_lr_frac) * min(progress, 1.0)
 
 
 def muon_momentum_at(step, warmup, final=0.95, start=0.85):
@@ -422,9 +462,9 @@ def make_optimizer(name, model, cfg, lr=None):
         groups = [dict(params=matrices, weight_decay=cfg["weight_decay"]), dict(params=others, weight_decay=0.0)]
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr or cfg["lr_adamw"], eps=cfg["eps_adamw"],
                                  betas=parse_betas(cfg["betas_adamw"], "betas_adamw"))
-    from muon_optim import Muon
     hidden = [p for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim >= 2]
-    adam = dict(use_muon=False, betas=parse_betas(cfg["betas_adam"], "betas_adam"), eps=cfg["eps_adam"], weight_decay=0.0)
+    adam = dict(use_muon=False, betas=parse_betas(cfg["betas_adam"], "betas_adam"), eps=cfg["eps_adam"],
+                weight_decay=0.0)
     groups = [dict(params=hidden, use_muon=True, lr=lr or cfg["lr_muon"], momentum=cfg["momentum_muon"],
                    weight_decay=cfg["weight_decay_muon"], ns_method=cfg["ns_method"], normuon=cfg["normuon"] or None,
                    cautious_wd=cfg["cautious_wd"], name="muon"),
@@ -435,30 +475,25 @@ def make_optimizer(name, model, cfg, lr=None):
 
 
 def setup_distributed(cfg):
-    """rank, world size, device. Under torchrun (RANK set) this joins the process group (NCCL on CUDA,
-    gloo on CPU); --fsdp=True in a plain process makes a 1-rank group, since FSDP needs one. A group the
-    caller made already is used as it is (tests/lm_dist_worker.py trains several configs in one launch)."""
-    launched = "RANK" in os.environ
-    use_cuda = torch.cuda.is_available() and cfg["device"] in ("auto", "cuda") if launched or cfg["fsdp"] else None
-    if launched:
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        local_rank = int(os.environ["LOCAL_RANK"])
-        device = f"cuda:{local_rank}" if use_cuda else "cpu"
-    elif cfg["fsdp"]:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
-        local_rank, device = 0, "cuda:0" if use_cuda else "cpu"
-    else:
-        local_rank = 0
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"]
-        if device == "cuda":  # set_device needs an index: the current device (CUDA_VISIBLE_DEVICES picks it)
-            device = f"cuda:{torch.cuda.current_device()}"
-    if device.startswith("cuda"):
+    """rank, world size, device. Under torchrun (RANK set) this joins the process group (NCCL on CUDA, gloo on
+    CPU); --fsdp=True in a plain process makes a 1-rank group, since FSDP needs one. A group the caller made
+    already is used as it is (tests/lm_dist_worker.py trains several configs in one launch)."""
+    launched, cuda = "RANK" in os.environ, torch.cuda.is_available() and cfg["device"] != "cpu"
+    if (launched or cfg["fsdp"]) and not dist.is_initialized():
+        store = {} if launched else dict(store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend="nccl" if cuda else "gloo", **store)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if not cuda:
+        device = "cpu"
+    elif launched:
+        device = f"cuda:{local_rank}"
+    else:  # set_device needs an index: "cuda" is the current device (CUDA_VISIBLE_DEVICES picks it)
+        device = cfg["device"] if cfg["device"].startswith("cuda:") else f"cuda:{torch.cuda.current_device()}"
+    if cuda:
         torch.cuda.set_device(device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    return dict(rank=rank, world=world, local_rank=local_rank, device=device, master=rank == 0,
-                device_type="cuda" if device.startswith("cuda") else "cpu", ddp=launched and not cfg["fsdp"],
-                fsdp=cfg["fsdp"])
+    return dict(rank=rank, world=world, local_rank=local_rank, device=device, master=rank == 0, fsdp=cfg["fsdp"],
+                device_type="cuda" if cuda else "cpu", ddp=launched and not cfg["fsdp"])
 
 
 def build_run(name, lr, cfg, env):
@@ -468,26 +503,24 @@ def build_run(name, lr, cfg, env):
     torch.manual_seed(cfg["seed"])
     model = GPT(GPTConfig(vocab_size=cfg["vocab_size"], block_size=cfg["block_size"], n_layer=cfg["n_layer"],
                           n_head=cfg["n_head"], n_embd=cfg["n_embd"])).to(env["device"])
+    cuda = env["device_type"] == "cuda"
     if env["fsdp"]:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        cuda = env["device_type"] == "cuda"
         from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh(env["device_type"], (env["world"],))  # on this process group (see train)
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh(env["device_type"], (env["world"],))  # on this process group
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32)
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
+        for module in (*model.blocks, model):
+            fully_shard(module, mesh=mesh, mp_policy=policy)
     optimizer = make_optimizer(name, model, cfg, lr)
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
-    fwd = torch.compile(model) if cfg["compile"] and env["device_type"] == "cuda" else model
+    fwd = torch.compile(model) if cfg["compile"] and cuda else model
     if env["ddp"]:
-        fwd = torch.nn.parallel.DistributedDataParallel(
-            fwd, device_ids=[env["local_rank"]] if env["device_type"] == "cuda" else None)
+        fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[env["local_rank"]] if cuda else None)
     return model, optimizer, fwd
 
 
-def all_ranks_agree(flag, env):
+def any_rank(flag, env):
     """True if `flag` is true on any rank: every rank must take the same branch before a collective."""
     if env["world"] == 1:
         return bool(flag)
@@ -497,44 +530,53 @@ def all_ranks_agree(flag, env):
 
 
 def weights_finite(model, env):
-    """The loss is measured before the update: check the weights too (local shards under FSDP)."""
+    """The loss is measured before the update: check the weights too (local shards under FSDP), on every rank."""
     local = (p.to_local() if hasattr(p, "to_local") else p for p in model.parameters())
-    return not all_ranks_agree(not all(torch.isfinite(p).all() for p in local), env)
+    return not any_rank(not all(torch.isfinite(p).all() for p in local), env)
 
 
 # -----------------------------------------------------------------------------
 # Checkpoints: one per run in out_dir/ckpt/, atomic
 
 def checkpoint_path(out, label, use_fsdp):
-    """out/ckpt/<run>.pt (DDP and single process: one torch.save'd dict) or out/ckpt/<run>/ (FSDP: a
-    torch.distributed.checkpoint directory with meta.pt, the non-tensor part, inside)."""
-    name = label.replace(":", "_")
-    return os.path.join(out, "ckpt", name if use_fsdp else name + ".pt")
+    """out/ckpt/<run>.pt (one torch.save'd dict) or, under FSDP, out/ckpt/<run>/ (a torch.distributed.checkpoint
+    directory with meta.pt, the non-tensor part, inside)."""
+    return os.path.join(out, "ckpt", label.replace(":", "_") + ("" if use_fsdp else ".pt"))
 
 
 def meta_file(path, use_fsdp):
     return os.path.join(path, "meta.pt") if use_fsdp else path
 
 
+def find_checkpoint(path, use_fsdp):
+    """The checkpoint to resume from, or None. An FSDP checkpoint is swapped in by two renames (path -> path.old,
+    path.tmp -> path); after a crash between them path.tmp is the newest whole one (meta.pt, written last,
+    is in it), else path.old is."""
+    candidates = (path, path + ".tmp", path + ".old") if use_fsdp else (path,)
+    return next((p for p in candidates if os.path.exists(meta_file(p, use_fsdp))), None)
+
+
 def write_checkpoint(path, meta, model, optimizer, env):
     """Single process / DDP: rank 0 saves one file (temp, then rename). FSDP: every rank writes its shards
-    with dcp.save into path.tmp, rank 0 adds meta.pt and renames the directory into place, so a crash
-    mid-save leaves the previous checkpoint whole."""
+    with dcp.save into path.tmp, rank 0 adds meta.pt and swaps the directory into place; at every moment
+    find_checkpoint finds a whole checkpoint (a swap a crash interrupted is finished first)."""
     if not env["fsdp"]:
         if env["master"]:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             atomic_save(dict(meta, model=model.state_dict(), optimizer=optimizer.state_dict()), path)
         return
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    model_state, optim_state = get_state_dict(model, optimizer)
     tmp, old = path + ".tmp", path + ".old"
     if env["master"]:
+        if not os.path.exists(path) and os.path.exists(meta_file(tmp, True)):
+            os.replace(tmp, path)
         shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.exists(path):
+            shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save(dict(model=model_state, optimizer=optim_state), checkpoint_id=tmp)
     if env["master"]:
-        torch.save(meta, os.path.join(tmp, "meta.pt"))
+        atomic_save(meta, meta_file(tmp, True))
         if os.path.exists(path):
             os.replace(path, old)
         os.replace(tmp, path)
@@ -543,12 +585,12 @@ def write_checkpoint(path, meta, model, optimizer, env):
 
 
 def read_checkpoint(path, model, optimizer, env):
-    """Load a run's checkpoint into model and optimizer; returns its meta dict. FSDP checkpoints reshard
-    on load, so a run saved on N ranks resumes on M."""
+    """Load a run's checkpoint into model and optimizer and return its meta dict. torch's load_state_dict also
+    restores every param-group option saved in the checkpoint: this run's own are put back, so no checkpointed
+    setting overrides the command line. FSDP checkpoints reshard on load (saved on N ranks, resumed on M)."""
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     meta = load_checkpoint(meta_file(path, env["fsdp"]), SCRIPT)
     if env["fsdp"]:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
         model_state, optim_state = get_state_dict(model, optimizer)
         state = dict(model=model_state, optimizer=optim_state)
         dcp.load(state, checkpoint_id=path)
@@ -556,48 +598,52 @@ def read_checkpoint(path, model, optimizer, env):
     else:
         model.load_state_dict(meta.pop("model"))
         optimizer.load_state_dict(meta.pop("optimizer"))
+    for group, options in zip(optimizer.param_groups, configured):
+        group.update(options)
     return meta
 
 
-def check_resumable(path, cfg):
-    """The meta of a run's checkpoint (None if there is none), after checking that it fits this config."""
-    other = checkpoint_path(cfg["out_dir"], os.path.basename(path).removesuffix(".pt"), not cfg["fsdp"])
-    if not os.path.exists(path):
-        if os.path.exists(other):
+def resume_point(label, identity, cfg):
+    """(path, meta) of the run's checkpoint, or (None, None) if it has none. Stops unless the checkpoint is of
+    this very run: its identity may differ only in RESUMABLE settings."""
+    path = find_checkpoint(checkpoint_path(cfg["out_dir"], label, cfg["fsdp"]), cfg["fsdp"])
+    if path is None:
+        other = find_checkpoint(checkpoint_path(cfg["out_dir"], label, not cfg["fsdp"]), not cfg["fsdp"])
+        if other:
             raise SystemExit(f"{other} was written {'without' if cfg['fsdp'] else 'with'} --fsdp=True; resume with "
                              f"--fsdp={not cfg['fsdp']}")
-        return None
+        return None, None
     meta = load_checkpoint(meta_file(path, cfg["fsdp"]), SCRIPT)
-    diff = [f"{k}: checkpoint {meta['config'][k]!r}, now {cfg[k]!r}" for k in RESUME_MUST_MATCH
-            if meta["config"].get(k) != cfg[k]]
+    fix = "--resume=False to start over, or another --out_dir"
+    if "identity" not in meta:
+        raise SystemExit(f"cannot resume from {path}: it records no run identity (an older train_muon.py); {fix}")
+    diff = identity_diff(meta["identity"], identity, RESUMABLE)
     if diff:
-        raise SystemExit(f"cannot resume from {path}: settings differ from the checkpoint's (" + "; ".join(diff) +
-                         "); pass the same values or use a fresh out_dir")
-    return meta
+        raise SystemExit(f"cannot resume from {path}: it is another run ({'; '.join(diff)}). Resume with the "
+                         f"checkpoint's settings, code and data, or use {fix}")
+    return path, meta
 
 
 # -----------------------------------------------------------------------------
-# Evaluation, logging
+# Evaluation, logging, stopping
 
 def evaluate(model, val_tokens, B, T, env, autocast):
     """Mean loss over the fixed val slice; the B*T windows are split among ranks and averaged. Under FSDP
     every rank must run as many forward passes as the others (each one all-gathers weights), so ranks
     with one window fewer run a padding window that is not counted."""
     n_batches = (len(val_tokens) - 1) // (B * T)
-    rounds = -(-n_batches // env["world"]) if env["fsdp"] else None
-    todo = range(env["rank"], rounds * env["world"] if rounds else n_batches, env["world"])
-    losses = []
+    rounds = -(-n_batches // env["world"]) * env["world"] if env["fsdp"] else n_batches
+    total = torch.zeros(2, dtype=torch.float64, device=env["device"])  # loss sum, windows
     model.eval()
     with torch.no_grad():
-        for i in todo:
+        for i in range(env["rank"], rounds, env["world"]):
             j = i if i < n_batches else 0
             buf = torch.from_numpy(np.asarray(val_tokens[j * B * T:(j + 1) * B * T + 1], dtype=np.int64))
+            buf = buf.to(env["device"])
             with autocast:
-                loss = model(buf[:-1].view(B, T).to(env["device"]), buf[1:].view(B, T).to(env["device"])).item()
-            if i < n_batches:
-                losses.append(loss)
+                loss = model(buf[:-1].view(B, T), buf[1:].view(B, T)).item()
+            total += torch.tensor([loss, 1.0], dtype=torch.float64, device=env["device"]) * (i < n_batches)
     model.train()
-    total = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=env["device"])
     if env["world"] > 1:
         dist.all_reduce(total)
     return (total[0] / total[1]).item()
@@ -613,55 +659,31 @@ def start_wandb(cfg, label, run_id=None):
 
 
 def save_metrics(metrics, out):
+    """metrics.json, and loss.png: per run the train loss (thin, smoothed) and the val loss against step and time."""
     atomic_write_json(metrics, os.path.join(out, "metrics.json"))
-    plot_losses(metrics, os.path.join(out, "loss.png"))
-
-
-def first_step_reaching(val_points, target):
-    """The first eval step whose val loss is <= target, or None."""
-    return next((p["step"] for p in val_points if p["loss"] <= target), None)
-
-
-def interpolated_step_reaching(val_points, target):
-    """The step where the val curve, linearly interpolated between evals, first reaches target, or None."""
-    for prev, p in zip(val_points, val_points[1:]):
-        if p["loss"] <= target < prev["loss"]:
-            return prev["step"] + (prev["loss"] - target) / (prev["loss"] - p["loss"]) * (p["step"] - prev["step"])
-    return val_points[0]["step"] if val_points and val_points[0]["loss"] <= target else None
-
-
-def plot_losses(metrics, path):
-    """Train (thin) and validation (markers) loss per run against step, and validation against time."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for i, (label, run) in enumerate(metrics["runs"].items()):
-        color = f"C{i}"
         if run["train"]:  # moving average over ~2% of the run: per-step losses of small batches are noisy
-            losses = np.array([p["loss"] for p in run["train"]])
-            k = max(1, len(losses) // 50)
-            smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-            ax1.plot([p["step"] for p in run["train"]][k - 1:], smooth, color=color, alpha=0.35, lw=0.8)
-        if run["val"]:
-            ax1.plot([p["step"] for p in run["val"]], [p["loss"] for p in run["val"]], "o-", color=color, ms=3,
-                     label=f"{label} (val {run['val'][-1]['loss']:.3f})")
-            ax2.plot([p["time"] for p in run["val"]], [p["loss"] for p in run["val"]], "o-", color=color, ms=3, label=label)
+            k = max(1, len(run["train"]) // 50)
+            smooth = np.convolve([p["loss"] for p in run["train"]], np.ones(k) / k, mode="valid")
+            ax1.plot([p["step"] for p in run["train"]][k - 1:], smooth, color=f"C{i}", alpha=0.35, lw=0.8)
+        for ax, x in ((ax1, "step"), (ax2, "time")):
+            ax.plot([p[x] for p in run["val"]], [p["loss"] for p in run["val"]], "o-", color=f"C{i}", ms=3, label=label)
     ax1.set(xlabel="step", ylabel="loss", title="train (thin, smoothed) and validation loss")
     ax2.set(xlabel="training time (s, excluding eval)", ylabel="validation loss", title="validation loss vs time")
-    vals = [p["loss"] for r in metrics["runs"].values() for p in r["val"]]
-    if vals:  # zoom on the interesting part: the first eval (ln vocab) dwarfs the rest
-        lo, hi = min(vals), sorted(vals)[len(vals) // 2]
-        for ax in (ax1, ax2):
+    vals = sorted(p["loss"] for r in metrics["runs"].values() for p in r["val"])
+    for ax in (ax1, ax2):  # zoom on the interesting part: the first eval (ln vocab) dwarfs the rest
+        if vals:
+            lo, hi = vals[0], vals[len(vals) // 2]
             ax.set_ylim(lo - 0.1 * (hi - lo) - 0.05, hi + 0.6 * (hi - lo) + 0.1)
-    for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(os.path.join(out, "loss.png"), dpi=80)
     plt.close(fig)
-
-
 
 
 class StopRequest:
@@ -669,8 +691,7 @@ class StopRequest:
     aborts at once. Deferring to the step boundary keeps every run's model and optimizer consistent."""
 
     def __init__(self):
-        self.requested = False
-        self._old = {}
+        self.signal, self._old = None, {}  # signal: "SIGINT" or "SIGTERM" once one came
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[sig] = signal.signal(sig, self._handler)
@@ -678,77 +699,77 @@ class StopRequest:
                 pass
 
     def _handler(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
+        if self.signal and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signal = signal.Signals(signum).name
 
     def restore(self):
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
 
-
 # -----------------------------------------------------------------------------
 # Training
 
-def resume_run(path, model, optimizer, loader, run, code, env):
-    """Restore a run from its checkpoint and return the checkpoint's meta dict. This invocation's lr
-    settings win over the checkpoint's. A checkpoint made by other code (trainer, model or optimizer
-    changed) is resumed with a warning, and the change is recorded in the run's metrics ('code')."""
-    configured = [g["initial_lr"] for g in optimizer.param_groups]
-    meta = read_checkpoint(path, model, optimizer, env)
-    for g, lr in zip(optimizer.param_groups, configured):
-        g["initial_lr"] = lr
-    loader.load_state_dict(meta["loader"])
-    set_rng_state(meta["rng"])
-    run.update(meta["run_metrics"])
-    if meta["code"] != code:
-        if env["master"]:
-            print(f"warning: {path} was written by other code (hash {meta['code']}, now {code}: {', '.join(CODE_FILES)} "
-                  f"changed); the resumed run mixes both versions (recorded in metrics.json, runs/<run>/code)")
-        run["code"].append(dict(step=meta["step"], code=code))
-    return meta
-
-
-def stop_non_finite(what, path, last_good, metrics, cfg, master):
-    """Exit without checkpointing a state that has diverged: the last good checkpoint stays resumable."""
-    where = f"the last good checkpoint ({path}, step {last_good}) is kept" if last_good is not None else \
-        "no checkpoint was written yet"
-    if master:
-        save_metrics(metrics, cfg["out_dir"])
-    raise SystemExit(f"error: non-finite {what}; stopping without saving this state, {where}. Lower the "
-                     f"learning rate or add warmup (--warmup_steps), or set --grad_clip=1.0.")
+def start_run(label, name, lr, cfg, env, data, metrics):
+    """(model, optimizer, forward module, loader, the run's metrics dict, checkpoint meta or {}): from the shared
+    initial weights, or where the run's checkpoint left off (resume: weights, optimizer, data position, RNG)."""
+    model, optimizer, fwd = build_run(name, lr, cfg, env)
+    accum = cfg["grad_accum_steps"] // env["world"]
+    loader = DataLoader(data["files"], cfg["batch_size"], cfg["block_size"], env["rank"], env["world"], accum,
+                        data["vocab_map"])
+    run = metrics["runs"][label] = dict(identity=data["identities"][label], status="training", train=[], val=[])
+    path, meta = data["resume"].get(label, (None, None))
+    if meta:
+        meta = read_checkpoint(path, model, optimizer, env)
+        loader.shard, loader.pos = meta["loader"]["shard"], meta["loader"]["pos"]
+        set_rng_state(meta["rng"])
+        run.update(meta["run_metrics"], identity=run["identity"], status="training")
+    metrics["num_params"] = model.num_params()
+    if env["master"]:
+        resumed = f", resumed from {path} at step {meta['step']}" if meta else ""
+        print(f"{label}: {model.num_params() / 1e6:.1f}M parameters, {metrics['tokens_per_step']:,} tokens/step "
+              f"({env['world']} x {accum} x {cfg['batch_size']} x {cfg['block_size']}), device {env['device']}"
+              f"{', FSDP' if env['fsdp'] else ''}{resumed}")
+    return model, optimizer, fwd, loader, run, meta or {}
 
 
 def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
-    """Train one run to max_steps, from the shared initial weights or from its checkpoint (resume). Stops
-    early, with a checkpoint, after `budget` steps of this invocation or on Ctrl-C / SIGTERM. Returns
-    (steps trained here, whether it stopped early). The loop reads top to bottom, like nanoGPT's train.py."""
+    """Train one run to max_steps (start_run: fresh or resumed). Returns (steps trained here, status):
+    "finished"; "stopped" after `budget` steps of this invocation or on Ctrl-C / SIGTERM, with a checkpoint;
+    "diverged" on a non-finite loss or weights, without saving that state (the last good checkpoint stays).
+    The loop reads top to bottom, like nanoGPT's train.py."""
+    model, optimizer, fwd, loader, run, meta = start_run(label, name, lr, cfg, env, data, metrics)
     B, T, world, device, master = cfg["batch_size"], cfg["block_size"], env["world"], env["device"], env["master"]
-    accum, tokens_per_step = cfg["grad_accum_steps"] // world, B * T * cfg["grad_accum_steps"]
+    accum, tokens_per_step = cfg["grad_accum_steps"] // world, metrics["tokens_per_step"]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if env["device_type"] == "cuda" else nullcontext()
-    model, optimizer, fwd = build_run(name, lr, cfg, env)
-    loader = DataLoader(data["files"], B, T, env["rank"], world, accum, data["vocab_map"])
     path = checkpoint_path(cfg["out_dir"], label, env["fsdp"])
-    run = metrics["runs"][label] = dict(train=[], val=[], code=[dict(step=0, code=metrics["code"])])
-    meta = resume_run(path, model, optimizer, loader, run, metrics["code"], env) if data["resume"].get(label) else {}
     step, train_time, last_good, trained = meta.get("step", 0), meta.get("train_time", 0.0), meta.get("step"), 0
-    metrics["num_params"] = model.num_params()
-    if master:
-        print(f"{label}: {model.num_params() / 1e6:.1f}M parameters, {tokens_per_step:,} tokens/step ({world} x {accum} "
-              f"x {B} x {T}), device {device}{', FSDP' if env['fsdp'] else ''}"
-              f"{f', resumed from {path} at step {step}' if meta else ''}")
     wb = start_wandb(cfg, label, meta.get("wandb_id")) if master and cfg["wandb_log"] else None
 
-    def checkpoint(finished=False):
+    def checkpoint(status):
+        """Save the run (unless --save_checkpoint=False); False, saving nothing, if a weight is not finite."""
         if not weights_finite(model, env):
-            stop_non_finite(f"weights in run {label!r} after step {step}", path, last_good, metrics, cfg, master)
+            return False
+        run["status"] = status
         if cfg["save_checkpoint"]:
-            write_checkpoint(path, dict(script=SCRIPT, code=metrics["code"], config=cfg, label=label, step=step,
-                                        train_time=train_time, loader=loader.state_dict(), rng=rng_state(),
-                                        run_metrics=run, vocab_map=data["vocab_map"], finished=finished,
-                                        train_shards=[os.path.basename(f) for f in data["files"]],
-                                        wandb_id=wb.id if wb else meta.get("wandb_id")), model, optimizer, env)
+            write_checkpoint(path, dict(
+                script=SCRIPT, code=metrics["code"], identity=run["identity"], config=cfg, label=label, step=step,
+                train_time=train_time, loader=dict(shard=loader.shard, pos=loader.pos), rng=rng_state(),
+                run_metrics=run, vocab_map=data["vocab_map"], finished=status == "finished",
+                train_shards=[os.path.basename(f) for f in data["files"]],
+                wandb_id=wb.id if wb else meta.get("wandb_id")), model, optimizer, env)
+        return True
+
+    def diverged(what):
+        run["status"] = "diverged"
+        kept = f"the last good checkpoint ({path}, step {last_good}) is kept" if last_good else "none was saved before"
+        if master:
+            save_metrics(metrics, cfg["out_dir"])
+            print(f"error: non-finite {what} in run {label!r} at step {step}; stopping without saving this state, "
+                  f"{kept}. Lower the learning rate, add warmup (--warmup_steps) or set --grad_clip=1.0, and start "
+                  f"over with --resume=False", file=sys.stderr)
+        return trained, "diverged"
 
     def log_eval():
         loss = evaluate(model, data["val_tokens"], B, T, env, autocast)
@@ -764,7 +785,8 @@ def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
         while step < cfg["max_steps"]:
             if step % cfg["eval_every"] == 0:
                 log_eval()
-            lr_mult = lr_multiplier(step, cfg["max_steps"], cfg["warmup_steps"], cfg["cooldown_frac"], cfg["min_lr_frac"])
+            lr_mult = lr_multiplier(step, cfg["max_steps"], cfg["warmup_steps"], cfg["cooldown_frac"],
+                                    cfg["min_lr_frac"])
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * lr_mult
                 if group.get("use_muon"):
@@ -784,40 +806,37 @@ def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_avg = loss_sum / accum
             if world > 1:
-                dist.all_reduce(loss_avg)
-                loss_avg /= world
-            loss_value = loss_avg.item()  # syncs the device, so the time below is real
+                dist.all_reduce(loss_sum)
+            loss_value = loss_sum.item() / (accum * world)  # .item() syncs the device, so the time below is real
             dt = time.perf_counter() - t0
-            train_time += dt
-            step, trained = step + 1, trained + 1
+            train_time, step, trained = train_time + dt, step + 1, trained + 1
             if not math.isfinite(loss_value):
-                stop_non_finite(f"training loss ({loss_value}) in run {label!r} at step {step}", path, last_good,
-                                metrics, cfg, master)
-            point = dict(step=step, loss=loss_value, lr=lr_mult, tok_s=tokens_per_step / dt, time=train_time)
+                return diverged(f"training loss ({loss_value})")
             mfu = model.estimate_mfu(tokens_per_step / world, dt, seq_len=T) if env["device_type"] == "cuda" else None
-            if mfu is not None:  # CUDA with a known peak: model FLOPs utilization per GPU
-                point["mfu"] = mfu
-            run["train"].append(point)
+            point = dict(step=step, loss=loss_value, lr=lr_mult, tok_s=tokens_per_step / dt, time=train_time)
+            run["train"].append(point if mfu is None else dict(point, mfu=mfu))  # MFU: CUDA with a known peak
             if wb:
                 wb.log(dict(train_loss=loss_value, lr=lr_mult, tok_s=tokens_per_step / dt, time=train_time), step=step)
             if master and (step % cfg["log_every"] == 0 or step == 1):
                 tqdm.write(f"step {step:5d} | {label:>12} | loss {loss_value:.4f} | lr x{lr_mult:.3f} | "
                            f"{tokens_per_step / dt:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
             bar.update(1)
-            if step < cfg["max_steps"] and all_ranks_agree(stop.requested or trained >= budget, env):
-                checkpoint()
+            if step < cfg["max_steps"] and any_rank(stop.signal or trained >= budget, env):
+                if not checkpoint("stopped"):
+                    return diverged("weights")
                 if master:
                     save_metrics(metrics, cfg["out_dir"])
-                    tqdm.write(f"{label}: stopped at step {step}; checkpoint {path}; continue with --resume=True")
-                return trained, True
+                    tqdm.write(f"{label}: stopped at step {step}; " + (
+                        f"checkpoint {path}; continue with --resume=True" if cfg["save_checkpoint"] else
+                        "no checkpoint (--save_checkpoint=False): a rerun starts this run over"))
+                return trained, "stopped"
             if cfg["ckpt_every"] and step % cfg["ckpt_every"] == 0:
-                checkpoint()
-                last_good = step
+                if not checkpoint("training"):
+                    return diverged("weights")
+                last_good = step if cfg["save_checkpoint"] else last_good
         log_eval()
-        checkpoint(finished=True)
-        return trained, False
+        return (trained, "finished") if checkpoint("finished") else diverged("weights")
     finally:
         bar.close()
         if wb:
@@ -825,134 +844,71 @@ def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
 
 
 def train(cfg):
-    """Train the runs of cfg['optimizers'] one after another (same initial weights, same batches in the
-    same order); returns the metrics dict (also in out_dir/metrics.json)."""
-    runs = parse_optimizers(cfg["optimizers"])
+    """Check every setting, find the data and the checkpoints (resume: only of the same run identity), then
+    train the runs of cfg['optimizers'] one after another (same initial weights, same batches in the same
+    order) until the step budget or a stop request ends this invocation. Returns the metrics dict (also in
+    out_dir/metrics.json: each run's status, and stopped_by); exit_status(metrics) is the exit status."""
+    runs = check_settings(cfg)
     own_group = not dist.is_initialized()
     env = setup_distributed(cfg)
-    try:
-        return train_runs(runs, cfg, env)
-    finally:
-        if own_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def train_runs(runs, cfg, env):
-    """Check the settings, the checkpoints (resume) and the data, then train each run in turn; with Muon
-    and AdamW runs, report how many steps Muon needs to reach AdamW's final loss."""
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    torch.set_flush_denormal(True)  # CPU: subnormal floats late in long runs slow float math ~4x; flush to 0
-    if cfg["grad_accum_steps"] % env["world"]:
-        raise SystemExit(f"grad_accum_steps={cfg['grad_accum_steps']} must be divisible by the number of "
-                         f"processes ({env['world']})")
-    labels = [run_label(name, lr) for name, lr in runs]
-    resume = {}
-    if cfg["resume"]:
-        resume = {label: check_resumable(checkpoint_path(cfg["out_dir"], label, cfg["fsdp"]), cfg) for label in labels}
-        if not any(resume.values()):  # stops with "no checkpoint at ..."
-            load_checkpoint(meta_file(checkpoint_path(cfg["out_dir"], labels[0], cfg["fsdp"]), cfg["fsdp"]), SCRIPT)
-    saved = next((meta for meta in resume.values() if meta), {})
-    try:
-        files, vocab_map, val_tokens, cfg = load_data(cfg, saved.get("vocab_map"))
-        DataLoader(files, cfg["batch_size"], cfg["block_size"], 0, env["world"], cfg["grad_accum_steps"] // env["world"])
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    if saved and saved["train_shards"] != [os.path.basename(f) for f in files] and env["master"]:
-        print(f"warning: the train shards changed since the checkpoint ({len(saved['train_shards'])} then, {len(files)} "
-              f"now); the data order differs from an uninterrupted run (the vocab table is the checkpoint's)")
-    data = dict(files=files, vocab_map=vocab_map, val_tokens=val_tokens, resume=resume)
-    metrics = dict(config=cfg, code=code_hash(), tokens_per_step=cfg["batch_size"] * cfg["block_size"] *
-                   cfg["grad_accum_steps"], world_size=env["world"], device=env["device"], runs={})
-    os.makedirs(cfg["out_dir"], exist_ok=True)
-    budget = cfg["stop_after_steps"] or math.inf  # steps left in this invocation, all runs together
     stop = StopRequest()
     try:
-        for (name, lr), label in zip(runs, labels):
-            meta = resume.get(label)
+        if cfg["threads"]:
+            torch.set_num_threads(cfg["threads"])
+        torch.set_flush_denormal(True)  # CPU: subnormal floats late in long runs slow float math ~4x; flush to 0
+        if cfg["grad_accum_steps"] % env["world"]:
+            raise SystemExit(f"--grad_accum_steps={cfg['grad_accum_steps']}: must be divisible by the number of "
+                             f"processes ({env['world']})")
+        files = find_shards(cfg["data_dir"], cfg["train_files"])
+        val_file = find_shards(cfg["data_dir"], cfg["val_files"])[0]
+        cfg = dict(cfg, vocab_size=cfg["vocab_top"] or cfg["vocab_size"])
+        identities = run_identities(cfg, [label for _, _, label in runs], env, data_fingerprint(files + [val_file]))
+        resume = {label: resume_point(label, identities[label], cfg) for label in identities} if cfg["resume"] else {}
+        if cfg["resume"] and not any(meta for _, meta in resume.values()):  # stops with "no checkpoint at ..."
+            load_checkpoint(meta_file(checkpoint_path(cfg["out_dir"], runs[0][2], cfg["fsdp"]), cfg["fsdp"]), SCRIPT)
+        saved = next((meta for _, meta in resume.values() if meta), {})
+        vocab_map, val_tokens = load_data(cfg, files, val_file, env["world"], saved.get("vocab_map"))
+        data = dict(files=files, vocab_map=vocab_map, val_tokens=val_tokens, resume=resume, identities=identities)
+        metrics = dict(config=cfg, code=code_hash(), tokens_per_step=cfg["batch_size"] * cfg["block_size"] *
+                       cfg["grad_accum_steps"], world_size=env["world"], device=env["device"], runs={})
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+        budget = cfg["stop_after_steps"] or math.inf  # steps left in this invocation, all runs together
+        for name, lr, label in runs:
+            meta = resume.get(label, (None, None))[1]
             if meta and meta["finished"]:
                 metrics["runs"][label] = meta["run_metrics"]
-                continue
-            if budget <= 0 or stop.requested:
+            elif budget <= 0 or stop.signal:
                 if env["master"]:
-                    print(f"stopped before run {label}; continue with --resume=True")
-                return metrics
-            trained, stopped = train_run(label, name, lr, cfg, env, data, metrics, budget, stop)
-            budget -= trained
-            if stopped:
-                return metrics
+                    print(f"stopped before run {label}" + ("; continue with --resume=True" if cfg["save_checkpoint"]
+                                                          else " (--save_checkpoint=False: a rerun starts over)"))
+                break
+            else:
+                trained, status = train_run(label, name, lr, cfg, env, data, metrics, budget, stop)
+                budget -= trained
+                if status == "stopped":
+                    break
+        finals = {label: r["val"][-1]["loss"] for label, r in metrics["runs"].items() if r["status"] == "finished"}
+        complete = len(finals) == len(runs)
+        metrics["stopped_by"] = None if complete else stop.signal  # SIGINT / SIGTERM: the exit status says so
+        if complete:
+            metrics["summary"] = dict(final_val=finals)
         if env["master"]:
-            metrics["summary"] = report(metrics, os.path.join(cfg["out_dir"], "loss.png"))
+            print("".join(f"{label:>12}: final val loss {loss:.4f}\n" for label, loss in finals.items()), end="")
             save_metrics(metrics, cfg["out_dir"])
         return metrics
     finally:
         stop.restore()
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def report(metrics, plot_path):
-    """Print the final val loss per run and, with Muon and AdamW runs, the step at which the fastest Muon run
-    first reaches the best AdamW run's final validation loss (resolution: eval_every). Returns a summary."""
-    summary = dict(final_val={label: run["val"][-1]["loss"] for label, run in metrics["runs"].items() if run["val"]})
-    finals = {label: run["val"][-1]["loss"] for label, run in metrics["runs"].items() if run["val"]}
-    for label, loss in finals.items():
-        print(f"{label:>12}: final val loss {loss:.4f}, train time {metrics['runs'][label]['val'][-1]['time']:.1f} s")
-    adamw = [l for l in finals if l.startswith("adamw")]
-    muon = [l for l in finals if l.startswith("muon")]
-    if adamw and muon:
-        best_adamw = min(adamw, key=finals.get)
-        target, adamw_steps = finals[best_adamw], metrics["runs"][best_adamw]["val"][-1]["step"]
-        reached = {l: first_step_reaching(metrics["runs"][l]["val"], target) for l in muon}
-        hits = [l for l in muon if reached[l] is not None]
-        if hits:
-            best = min(hits, key=lambda l: reached[l])
-            at = next(p for p in metrics["runs"][best]["val"] if p["step"] == reached[best])
-            adamw_time = metrics["runs"][best_adamw]["val"][-1]["time"]
-            interp = interpolated_step_reaching(metrics["runs"][best]["val"], target)
-            summary["muon_vs_adamw"] = dict(adamw_run=best_adamw, adamw_final_val=target, adamw_steps=adamw_steps,
-                                            muon_run=best, muon_step=reached[best], step_ratio=reached[best] / adamw_steps,
-                                            muon_step_interpolated=interp, step_ratio_interpolated=interp / adamw_steps,
-                                            time_ratio=at["time"] / adamw_time if adamw_time else None)
-            print(f"Muon reaches AdamW's final val loss ({target:.4f}, {best_adamw}) at step {reached[best]} "
-                  f"({best}): {reached[best] / adamw_steps:.2f}x AdamW's {adamw_steps} steps "
-                  f"(interpolated between evals: step {interp:.0f}, {interp / adamw_steps:.2f}x), "
-                  f"{at['time'] / adamw_time:.2f}x its training time")
-        else:
-            summary["muon_vs_adamw"] = dict(adamw_run=best_adamw, adamw_final_val=target, adamw_steps=adamw_steps,
-                                            muon_step=None)
-            print(f"Muon does not reach AdamW's final val loss ({target:.4f}, {best_adamw}) within {adamw_steps} steps")
-    print(f"plot: {plot_path}")
-    return summary
-
-
-def compare_runs(out_dirs, out_dir):
-    """Merge the runs of several metrics.json files (same data and batches, e.g. an LR sweep split over
-    jobs) into out_dir/metrics.json and out_dir/loss.png, and print the Muon-vs-AdamW report."""
-    merged = None
-    for d in out_dirs:
-        path = os.path.join(d, "metrics.json")
-        if not os.path.exists(path):
-            raise SystemExit(f"error: --compare: no {path}; run train_muon.py with --out_dir={d} first")
-        with open(path) as f:
-            m = json.load(f)
-        if merged is None:
-            merged = dict(m, runs={}, merged_from=list(out_dirs))
-        elif m.get("code") != merged.get("code"):
-            print(f"warning: --compare: {d} was trained by other code (hash {m.get('code')}) than {out_dirs[0]} "
-                  f"({merged.get('code')}); the runs differ in more than their settings")
-        if m["tokens_per_step"] != merged["tokens_per_step"]:
-            raise SystemExit(f"error: --compare: {d} used {m['tokens_per_step']} tokens/step, {out_dirs[0]} used "
-                             f"{merged['tokens_per_step']}; only runs on the same batches are comparable")
-        merged["runs"].update(m["runs"])
-    os.makedirs(out_dir, exist_ok=True)
-    merged["summary"] = report(merged, os.path.join(out_dir, "loss.png"))
-    atomic_write_json(merged, os.path.join(out_dir, "metrics.json"))
-    plot_losses(merged, os.path.join(out_dir, "loss.png"))
-    return merged
+def exit_status(metrics):
+    """3 if a run diverged; 130 / 143 if Ctrl-C / SIGTERM stopped a run (checkpointed); else 0 (every run
+    finished, or stop_after_steps stopped one)."""
+    if any(run["status"] == "diverged" for run in metrics["runs"].values()):
+        return 3
+    return 128 + signal.Signals[metrics["stopped_by"]] if metrics["stopped_by"] else 0
 
 
 if __name__ == "__main__":
-    config = parse_overrides(sys.argv[1:], CONFIG)
-    if config["compare"]:
-        compare_runs(config["compare"].split(","), config["out_dir"])
-    else:
-        train(config)
+    raise SystemExit(exit_status(train(parse_overrides(sys.argv[1:], CONFIG))))

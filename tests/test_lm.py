@@ -1,9 +1,14 @@
 """Tests for model_keller.py and train_muon.py on tiny models and synthetic shards written here.
 The 2-process test runs the real `torchrun` with gloo on CPU."""
+import glob
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -47,6 +52,24 @@ def train_losses(metrics, label):
     return [p["loss"] for p in metrics["runs"][label]["train"]]
 
 
+def val_losses(metrics, label):
+    return [p["loss"] for p in metrics["runs"][label]["val"]]
+
+
+def load_metrics(out):
+    return json.load(open(os.path.join(out, "metrics.json")))
+
+
+def cli_args(data_dir, out_dir, **overrides):
+    """The --name=value arguments of config(...): the same tiny run as a train_muon.py process."""
+    return [f"--{k}={v}" for k, v in {**TINY, "data_dir": data_dir, "out_dir": str(out_dir), **overrides}.items()]
+
+
+def run_script(*args, timeout=300):
+    return subprocess.run([sys.executable, "train_muon.py", *args], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=timeout)
+
+
 # -- model ------------------------------------------------------------------------------------
 
 def tiny_model(seed=0):
@@ -77,6 +100,23 @@ def test_model_is_causal():
     la, lb = model(a), model(b)
     assert torch.allclose(la[:, :9], lb[:, :9], atol=1e-5)
     assert not torch.allclose(la[:, 9:], lb[:, 9:], atol=1e-3)
+
+
+def test_loss_takes_non_contiguous_targets():
+    model = tiny_model()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randint(0, VOCAB, (3, 17))
+    assert torch.equal(model(x[:, :-1], x[:, 1:]), model(x[:, :-1], x[:, 1:].contiguous()))
+
+
+def test_with_the_zero_head_only_the_head_has_a_gradient_at_step_0():
+    """What model_keller's docstring says about the zero-initialized head and residual projections."""
+    model = tiny_model()
+    x = torch.randint(0, VOCAB, (3, 17))
+    model(x[:, :-1], x[:, 1:]).backward()
+    with_grad = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().max() > 0]
+    assert with_grad == ["lm_head.weight"]
 
 
 @pytest.mark.parametrize("name", ["muon", "adamw"])
@@ -164,26 +204,26 @@ def test_overrides_parse_and_reject():
         train_muon.parse_overrides(["--max_steps=abc"], train_muon.CONFIG)
     with pytest.raises(SystemExit, match="expected True or False"):
         train_muon.parse_overrides(["--resume=1"], train_muon.CONFIG)
-    assert train_muon.parse_optimizers("muon:0.03,adamw") == [("muon", 0.03), ("adamw", None)]
+    assert train_muon.parse_optimizers("muon:0.03,adamw") == [("muon", 0.03, "muon:0.03"), ("adamw", None, "adamw")]
     with pytest.raises(SystemExit, match="unknown optimizer 'sgd'"):
         train_muon.parse_optimizers("sgd")
 
 
 # -- training ------------------------------------------------------------------------------------
 
-def test_30_steps_lower_the_loss_for_both_and_report(data_dir, tmp_path, capsys):
+def test_30_steps_lower_the_loss_for_both(data_dir, tmp_path, capsys):
     metrics = train_muon.train(config(data_dir, tmp_path, max_steps=30, optimizers="muon,adamw:3e-3"))
     for label in ("muon", "adamw:0.003"):
         val = [p["loss"] for p in metrics["runs"][label]["val"]]
         assert val[0] == pytest.approx(np.log(VOCAB), abs=1e-4)  # same init: uniform prediction
         assert val[-1] < val[0] - 0.5, (label, val)
+        assert metrics["summary"]["final_val"][label] == val[-1]
     saved = json.load(open(tmp_path / "metrics.json"))
-    assert len(saved["runs"]["muon"]["train"]) == 30 and "muon_vs_adamw" in saved["summary"]
+    assert len(saved["runs"]["muon"]["train"]) == 30 and saved["summary"] == metrics["summary"]
     assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "ckpt" / "adamw_0.003.pt").exists()
-    assert saved["code"] == train_muon.code_hash() and saved["runs"]["muon"]["code"] == [dict(step=0, code=saved["code"])]
+    assert saved["code"] == train_muon.code_hash() == saved["runs"]["muon"]["identity"]["source_hash"]
     assert torch.load(tmp_path / "ckpt" / "muon.pt", weights_only=False)["code"] == saved["code"]
-    assert "Muon reaches AdamW's final val loss" in capsys.readouterr().out or \
-        saved["summary"]["muon_vs_adamw"]["muon_step"] is None
+    assert f"adamw:0.003: final val loss {val[-1]:.4f}" in capsys.readouterr().out
 
 
 def test_resume_reproduces_the_uninterrupted_loss_curve_exactly(data_dir, tmp_path):
@@ -194,6 +234,7 @@ def test_resume_reproduces_the_uninterrupted_loss_curve_exactly(data_dir, tmp_pa
     ckpt = torch.load(tmp_path / "b" / "ckpt" / "muon.pt", weights_only=False)
     assert ckpt["step"] == 15 and ckpt["loader"]["pos"] > 0 and not ckpt["finished"]
     assert not (tmp_path / "b" / "ckpt" / "adamw.pt").exists()
+    assert load_metrics(tmp_path / "b")["runs"]["muon"]["status"] == "stopped"
     train_muon.train(dict(cfg, resume=True))  # muon 15 -> 20 (finished), adamw 0 -> 10
     assert torch.load(tmp_path / "b" / "ckpt" / "adamw.pt", weights_only=False)["step"] == 10
     resumed = train_muon.train(dict(cfg, resume=True, stop_after_steps=0))
@@ -201,12 +242,13 @@ def test_resume_reproduces_the_uninterrupted_loss_curve_exactly(data_dir, tmp_pa
         assert train_losses(resumed, label) == train_losses(straight, label)  # bit-identical on CPU
         assert [p["loss"] for p in resumed["runs"][label]["val"]] == [p["loss"] for p in straight["runs"][label]["val"]]
     assert resumed["summary"]["final_val"] == straight["summary"]["final_val"]
-    with pytest.raises(SystemExit, match="n_layer: checkpoint 2, now 3"):
+    assert {r["status"] for r in resumed["runs"].values()} == {"finished"}
+    with pytest.raises(SystemExit, match="n_layer: 2 -> 3"):
         train_muon.train(dict(cfg, resume=True, n_layer=3))
 
 
 def test_stop_after_steps_counts_steps_per_invocation(data_dir, tmp_path):
-    """Issue 13.7: a job script rerunning the same command with --resume=True advances stop_after_steps per job."""
+    """A job script rerunning the same command with --resume=True advances stop_after_steps per job."""
     cfg = config(data_dir, tmp_path, max_steps=12, optimizers="adamw", stop_after_steps=5, eval_every=100)
     steps = []
     for job in range(3):
@@ -215,37 +257,31 @@ def test_stop_after_steps_counts_steps_per_invocation(data_dir, tmp_path):
     assert steps == [5, 10, 12]
 
 
-def test_resume_with_vocab_top_keeps_the_checkpoints_table(tmp_path):
-    """Issue 13.3: shards added before --resume=True must not change what the embedding rows mean."""
+def test_resume_of_a_vocab_top_run_continues_exactly_and_refuses_other_shards(tmp_path):
+    """The documented job-script workflow with --vocab_top (vocab_size left at its default); a run is tied to
+    the data it was trained on: shards added or changed since are other data, not resumed."""
     d = tmp_path / "data"
     d.mkdir()
     for i in range(2):
         write_shard(shard_path(str(d), i), synthetic_tokens(3000, seed=i))
-    cfg = config(str(d), tmp_path / "b", max_steps=8, optimizers="adamw", vocab_top=32, vocab_size=32, eval_every=4)
+    cfg = config(str(d), tmp_path / "b", max_steps=8, optimizers="adamw", vocab_top=32, eval_every=4)
     straight = train_muon.train(dict(cfg, out_dir=str(tmp_path / "a")))
     train_muon.train(dict(cfg, stop_after_steps=4))
-    rng = np.random.default_rng(5)  # a shard with other token frequencies: a rebuilt table would differ
-    write_shard(shard_path(str(d), 2), rng.integers(32, VOCAB, 3000))
     resumed = train_muon.train(dict(cfg, resume=True))
     assert train_losses(resumed, "adamw") == train_losses(straight, "adamw")
-    saved = torch.load(tmp_path / "b" / "ckpt" / "adamw.pt", weights_only=False)
-    rebuilt = train_muon.build_vocab_map([train_muon.read_shard(f) for f in sorted(d.glob("*train*"))], 32)
-    assert not np.array_equal(saved["vocab_map"], rebuilt)
+    assert val_losses(resumed, "adamw") == val_losses(straight, "adamw")
+    assert resumed["runs"]["adamw"]["identity"]["vocab_size"] == 32
+    write_shard(shard_path(str(d), 2), np.random.default_rng(5).integers(32, VOCAB, 3000))
+    with pytest.raises(SystemExit, match=r"data_hash: '[0-9a-f]{16}' -> '[0-9a-f]{16}'.*--resume=False"):
+        train_muon.train(dict(cfg, resume=True))
 
 
-def test_resume_from_a_bad_checkpoint_or_other_code_says_so(data_dir, tmp_path, capsys):
+def test_resume_from_a_bad_checkpoint_says_so(data_dir, tmp_path):
     cfg = config(data_dir, tmp_path, max_steps=4, optimizers="adamw", eval_every=100)
     with pytest.raises(SystemExit, match="no checkpoint at .*adamw.pt; run without --resume"):
         train_muon.train(dict(cfg, resume=True))
     train_muon.train(dict(cfg, stop_after_steps=2))
     path = tmp_path / "ckpt" / "adamw.pt"
-    ckpt = torch.load(path, weights_only=False)
-    ckpt["run_metrics"]["code"] = [dict(step=0, code="0123456789abcdef")]  # as if train_muon.py had changed since
-    torch.save(dict(ckpt, code="0123456789abcdef"), path)
-    resumed = train_muon.train(dict(cfg, resume=True))
-    assert "was written by other code (hash 0123456789abcdef" in capsys.readouterr().out
-    assert resumed["runs"]["adamw"]["code"] == [dict(step=0, code="0123456789abcdef"),
-                                                dict(step=2, code=train_muon.code_hash())]
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 2])  # truncated (e.g. copied while being written)
     with pytest.raises(SystemExit, match="not a readable checkpoint .*truncated"):
@@ -253,6 +289,166 @@ def test_resume_from_a_bad_checkpoint_or_other_code_says_so(data_dir, tmp_path, 
     torch.save({"step": 3}, path)  # some other script's file
     with pytest.raises(SystemExit, match="was not written by train_muon.py"):
         train_muon.train(dict(cfg, resume=True))
+
+
+# -- run identity, resume, settings, statuses and exit codes ---------------------------------------------
+
+def test_run_identity_and_status_are_recorded_in_metrics_and_checkpoints(data_dir, tmp_path):
+    from muon_optim import compute_dtype_rule
+    train_muon.train(config(data_dir, tmp_path, max_steps=3, optimizers="muon,adamw:3e-3", eval_every=100))
+    saved = load_metrics(tmp_path)
+    shards = sorted(glob.glob(os.path.join(data_dir, "fineweb_train_*.bin"))) + [shard_path(data_dir, 0)]
+    for label, file in (("muon", "muon.pt"), ("adamw:0.003", "adamw_0.003.pt")):
+        identity = saved["runs"][label]["identity"]
+        assert saved["runs"][label]["status"] == "finished" and identity["run"] == label
+        assert identity["source_hash"] == saved["code"] == train_muon.code_hash()
+        assert identity["data_hash"] == train_muon.data_fingerprint(shards)
+        assert identity["compute_dtype"] == compute_dtype_rule("cpu") and identity["max_steps"] == 3
+        assert torch.load(tmp_path / "ckpt" / file, weights_only=False)["identity"] == identity
+    assert saved["runs"]["muon"]["identity"] != saved["runs"]["adamw:0.003"]["identity"]
+
+
+def test_resume_with_other_optimizer_settings_is_refused_naming_each(data_dir, tmp_path):
+    cfg = config(data_dir, tmp_path, max_steps=6, optimizers="muon", stop_after_steps=2, eval_every=100)
+    train_muon.train(cfg)
+    refused = (r"normuon: 0.0 -> 0.95; ns_method: 'newton_schulz' -> 'polar_express'; weight_decay_muon: 0.0 -> "
+               r"5.0\). Resume with the checkpoint's settings, code and data, or use --resume=False to start over, "
+               r"or another --out_dir")
+    with pytest.raises(SystemExit, match=refused) as e:
+        train_muon.train(dict(cfg, resume=True, weight_decay_muon=5.0, normuon=0.95, ns_method="polar_express"))
+    assert "\n" not in str(e.value)
+    resumed = train_muon.train(dict(cfg, resume=True, stop_after_steps=0, eval_every=3, log_every=2, ckpt_every=4))
+    assert resumed["runs"]["muon"]["status"] == "finished"  # cadences are resumable
+
+
+def test_resumed_optimizer_groups_hold_the_command_lines_values(data_dir, tmp_path):
+    """torch's Optimizer.load_state_dict restores every group option from the checkpoint: the command line's
+    must win (here the checkpoint's groups are edited as if made with another weight decay)."""
+    cfg = config(data_dir, tmp_path / "b", max_steps=6, optimizers="muon", eval_every=3)
+    straight = train_muon.train(dict(cfg, out_dir=str(tmp_path / "a")))
+    train_muon.train(dict(cfg, stop_after_steps=3))
+    path = tmp_path / "b" / "ckpt" / "muon.pt"
+    ckpt = torch.load(path, weights_only=False)
+    for group in ckpt["optimizer"]["param_groups"]:
+        group["weight_decay"] = 5.0
+    torch.save(ckpt, path)
+    resumed = train_muon.train(dict(cfg, resume=True))
+    assert train_losses(resumed, "muon") == train_losses(straight, "muon")
+
+
+def test_resume_does_not_keep_a_finished_run_of_other_settings_or_code(data_dir, tmp_path):
+    cfg = config(data_dir, tmp_path, max_steps=3, optimizers="adamw", eval_every=100)
+    train_muon.train(cfg)
+    with pytest.raises(SystemExit, match=r"lr_adamw: 0.0015 -> 0.003"):
+        train_muon.train(dict(cfg, resume=True, lr_adamw=3e-3))
+    path = tmp_path / "ckpt" / "adamw.pt"
+    ckpt = torch.load(path, weights_only=False)
+    # as if train_muon.py, model_keller.py or muon_optim.py had changed since
+    ckpt["code"], ckpt.setdefault("identity", {})["source_hash"] = "0123456789abcdef", "0123456789abcdef"
+    torch.save(ckpt, path)
+    with pytest.raises(SystemExit, match=r"source_hash: '0123456789abcdef' -> '[0-9a-f]{16}'\). .*--resume=False"):
+        train_muon.train(dict(cfg, resume=True))
+    del ckpt["identity"]  # a checkpoint from before run identities
+    torch.save(ckpt, path)
+    with pytest.raises(SystemExit, match=r"records no run identity.*--resume=False"):
+        train_muon.train(dict(cfg, resume=True))
+
+
+def test_fsdp_checkpoint_interrupted_between_its_two_renames_is_resumed(data_dir, tmp_path):
+    """write_checkpoint moves the old FSDP checkpoint directory aside, then renames the new one into place: a
+    crash between the two leaves <run>.old and a complete <run>.tmp; resume must find one of them."""
+    args = cli_args(data_dir, tmp_path, max_steps=6, optimizers="adamw", eval_every=100, fsdp=True)
+    first = run_script(*args, "--stop_after_steps=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    ckpt = str(tmp_path / "ckpt" / "adamw")
+    shutil.copytree(ckpt, ckpt + ".step2")
+    second = run_script(*args, "--stop_after_steps=2", "--resume=True")
+    assert second.returncode == 0, second.stderr[-2000:]
+    os.rename(ckpt, ckpt + ".tmp")  # step 4, complete (meta.pt is written last)
+    os.rename(ckpt + ".step2", ckpt + ".old")
+    third = run_script(*args, "--resume=True")
+    assert third.returncode == 0 and "resumed from" in third.stdout and "at step 4" in third.stdout, third.stderr
+    run = load_metrics(tmp_path)["runs"]["adamw"]
+    assert run["status"] == "finished" and [p["step"] for p in run["train"]] == list(range(1, 7))
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["adamw"]
+
+
+def test_checkpoint_lookup_skips_an_incomplete_fsdp_temp_directory(tmp_path):
+    path = str(tmp_path / "ckpt" / "muon")
+    os.makedirs(path + ".tmp")  # dcp.save was interrupted: no meta.pt
+    assert train_muon.find_checkpoint(path, use_fsdp=True) is None
+    os.makedirs(path + ".old")
+    torch.save({}, os.path.join(path + ".old", "meta.pt"))
+    assert train_muon.find_checkpoint(path, use_fsdp=True) == path + ".old"
+
+
+BAD_SETTINGS = [("eval_every", 0), ("log_every", 0), ("batch_size", 0), ("grad_accum_steps", 0),
+                ("optimizers", "muon:abc"), ("optimizers", "adamw,muon:-1"), ("n_head", 3), ("n_embd", 30),
+                ("ns_method", "newton_shulz"), ("normuon", 1.0), ("momentum_muon", 1.5), ("betas_adam", "0.9"),
+                ("betas_adamw", "0.9,1.5"), ("max_steps", 0), ("warmup_steps", -1), ("cooldown_frac", 1.5),
+                ("eval_tokens", 0), ("vocab_top", 1), ("grad_clip", -1.0), ("ckpt_every", -1),
+                ("stop_after_steps", -1), ("threads", -1), ("device", "gpu"), ("lr_muon", 0.0), ("weight_decay", -0.1)]
+
+
+@pytest.mark.parametrize("setting, value", BAD_SETTINGS)
+def test_a_bad_setting_stops_before_the_first_step_with_one_line(data_dir, tmp_path, setting, value):
+    """The Muon run comes second: a setting only it reads must still stop before the AdamW run trains."""
+    cfg = config(data_dir, tmp_path, **{**dict(max_steps=3, optimizers="adamw,muon", eval_every=100), setting: value})
+    with pytest.raises(SystemExit, match=f"^--{setting}={re.escape(str(value))}: ") as e:
+        train_muon.train(cfg)
+    assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "metrics.json")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_clear_error(data_dir, tmp_path):
+    with pytest.raises(SystemExit, match="^--device=cuda: no CUDA device .*--device=cpu"):
+        train_muon.train(config(data_dir, tmp_path, max_steps=3, device="cuda"))
+
+
+def test_help_and_a_bad_setting_on_the_command_line(data_dir, tmp_path):
+    r = run_script("--help")
+    assert r.returncode == 0 and "--eval_every=250" in r.stdout
+    assert re.search(r"--ns_method=newton_schulz +or polar_express", r.stdout)
+    r = run_script(*cli_args(data_dir, tmp_path, n_head=3))
+    assert r.returncode == 1 and r.stderr.strip().startswith("--n_head=3: ") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_stop_without_checkpoints_promises_none(data_dir, tmp_path, capsys):
+    metrics = train_muon.train(config(data_dir, tmp_path, max_steps=6, optimizers="adamw", eval_every=100,
+                                      save_checkpoint=False, stop_after_steps=2))
+    out = capsys.readouterr().out
+    assert "stopped at step 2" in out and "--resume=True" not in out and "no checkpoint" in out
+    assert metrics["runs"]["adamw"]["status"] == "stopped" and not os.path.exists(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_with_a_checkpoint_status_stopped_and_its_exit_code(data_dir, tmp_path, sig, code):
+    args = cli_args(data_dir, tmp_path, max_steps=100000, optimizers="adamw", eval_every=100000)
+    proc = subprocess.Popen([sys.executable, "train_muon.py", *args], cwd=ROOT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not os.path.exists(tmp_path / "metrics.json") and time.time() < deadline:  # written at the step-0 eval
+        time.sleep(0.2)
+    time.sleep(1)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    run = load_metrics(tmp_path)["runs"]["adamw"]
+    step = torch.load(tmp_path / "ckpt" / "adamw.pt", weights_only=False)["step"]
+    assert run["status"] == "stopped" and step == len(run["train"]) > 0 and "Traceback" not in err
+
+
+def test_a_diverged_run_exits_3_keeps_the_last_good_checkpoint_and_the_next_run_trains(data_dir, tmp_path):
+    args = cli_args(data_dir, tmp_path, max_steps=30, optimizers="adamw,muon", ckpt_every=1, warmup_steps=0,
+                    eval_every=100, lr_adamw=1e36)
+    r = run_script(*args)
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert re.search(r"non-finite .* run .adamw. .* last good checkpoint .*, step 1\) is kept", r.stderr)
+    runs = load_metrics(tmp_path)["runs"]
+    assert runs["adamw"]["status"] == "diverged" and runs["muon"]["status"] == "finished"
+    kept = torch.load(tmp_path / "ckpt" / "adamw.pt", weights_only=False)
+    assert kept["step"] == 1 and all(torch.isfinite(p).all() for p in kept["model"].values())
 
 
 def test_unknown_option_and_bad_shards_on_the_command_line(data_dir, tmp_path):
@@ -284,8 +480,8 @@ def test_wandb_logs_the_metrics_offline(data_dir, tmp_path, monkeypatch):
     metrics = train_muon.train(config(data_dir, tmp_path, max_steps=4, optimizers="adamw", eval_every=2,
                                       wandb_log=True, wandb_run_name="t"))
     run = metrics["runs"]["adamw"]
-    assert [(p["step"], p["train_loss"]) for p in logged if "train_loss" in p] == [(p["step"], p["loss"]) for p in run["train"]]
-    assert [(p["step"], p["val_loss"]) for p in logged if "val_loss" in p] == [(p["step"], p["loss"]) for p in run["val"]]
+    for key, points in (("train_loss", run["train"]), ("val_loss", run["val"])):
+        assert [(p["step"], p[key]) for p in logged if key in p] == [(p["step"], p["loss"]) for p in points]
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
@@ -298,14 +494,6 @@ def torchrun(tmp_path, configs, nproc=2):
                         "tests/lm_dist_worker.py", str(path)], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-
-
-def val_losses(metrics, label):
-    return [p["loss"] for p in metrics["runs"][label]["val"]]
-
-
-def load_metrics(out):
-    return json.load(open(os.path.join(out, "metrics.json")))
 
 
 def test_torchrun_ddp_and_fsdp_match_one_process_and_resume(data_dir, tmp_path):
@@ -342,15 +530,3 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(SystemExit, match="no shards matching"):
         train_muon.train(config(str(tmp_path / "empty"), tmp_path / "o", max_steps=2))
-
-
-def test_non_finite_loss_stops_clearly_and_keeps_the_last_checkpoint(data_dir, tmp_path):
-    cfg = config(data_dir, tmp_path, max_steps=30, optimizers="adamw", ckpt_every=2, warmup_steps=0, eval_every=100)
-    train_muon.train(dict(cfg, max_steps=30, stop_after_steps=2))  # a good checkpoint at step 2
-    good = torch.load(tmp_path / "ckpt" / "adamw.pt", weights_only=False)
-    with pytest.raises(SystemExit, match=r"non-finite training loss .* run .adamw. .* last good checkpoint .*, step 2\) is kept"):
-        train_muon.train(dict(cfg, resume=True, lr_adamw=1e36, ckpt_every=1000))
-    kept = torch.load(tmp_path / "ckpt" / "adamw.pt", weights_only=False)
-    assert kept["step"] == 2 and good["step"] == 2
-    for p in kept["model"].values():
-        assert torch.isfinite(p).all()
