@@ -1,7 +1,7 @@
-"""Tests for model_tiny.py and train_grokking.py (fast: tiny p, few steps)."""
+"""Tests for model_tiny.py and train_grokking.py, one comparison (fast: tiny p, few steps); the studies
+are tests/test_study_grokking.py."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,11 +15,17 @@ import train_grokking as tg  # noqa: E402
 from model_tiny import TinyConfig, TinyTransformer  # noqa: E402
 
 
+TINY = ["--p=11", "--task=add", "--max_steps=30", "--eval_every=10", "--batch_size=32", "--d_model=32", "--n_head=2",
+        "--d_mlp=64", "--threads=1", "--stop_on_grok=False"]
+
+
+def defaults():
+    return {k: getattr(tg, k) for k in tg.CONFIG_KEYS}
+
+
 def tiny(out_dir, *args):
     """A seconds-long config: add mod 11, a small model, a few dozen steps."""
-    return tg.parse_overrides(["--p=11", "--task=add", "--max_steps=30", "--eval_every=10", "--batch_size=32",
-                               "--d_model=32", "--n_head=2", "--d_mlp=64", "--threads=1", "--stop_on_grok=False",
-                               f"--out_dir={out_dir}", *args], {k: getattr(tg, k) for k in tg.CONFIG_KEYS})
+    return tg.parse_overrides([*TINY, f"--out_dir={out_dir}", *args], defaults())
 
 
 def answers(task, p):
@@ -107,19 +113,16 @@ def test_bad_inputs_fail_clearly(tmp_path):
         tg.make_dataset("div", 12)
     with pytest.raises(ValueError, match="unknown task"):
         tg.make_dataset("pow", 11)
-    cfg = tg.parse_overrides([f"--out_dir={tmp_path}", "--task=divide"], {k: getattr(tg, k) for k in tg.CONFIG_KEYS})
+    cfg = tg.parse_overrides([f"--out_dir={tmp_path}", "--task=divide"], defaults())
     with pytest.raises(ValueError, match="unknown task 'divide'"):
         tg.main(cfg)
-    cfg = tg.parse_overrides(["--seeds=0,1", "--tune_seeds=1,2", "--tune_lrs_adamw=1e-3", f"--out_dir={tmp_path}"],
-                             {k: getattr(tg, k) for k in tg.CONFIG_KEYS})
-    with pytest.raises(ValueError, match="overlap"):
-        tg.main(cfg)
     with pytest.raises(SystemExit, match="unknown setting --lr;"):
-        tg.parse_overrides(["--lr=3"], {k: getattr(tg, k) for k in tg.CONFIG_KEYS})
-    with pytest.raises(SystemExit, match="--resume=1: expected True or False"):
-        tg.parse_overrides(["--resume=1"], {k: getattr(tg, k) for k in tg.CONFIG_KEYS})
-    with pytest.raises(SystemExit, match="betas_adamw"):
-        tg.main(dict(cfg, tune_lrs_adamw="", tune_seeds="", betas_adamw="0.9"))
+        tg.parse_overrides(["--lr=3"], defaults())
+    with pytest.raises(SystemExit, match="--save_checkpoint=1: expected True or False"):
+        tg.parse_overrides(["--save_checkpoint=1"], defaults())
+    for betas in ("0.9", "0.9,1", "a,b"):
+        with pytest.raises(ValueError, match=f"--betas_adamw={betas}: two numbers"):
+            tg.main(dict(cfg, task="add", betas_adamw=betas))
 
 
 def test_first_error_is_a_one_line_message_not_a_traceback(tmp_path):
@@ -132,12 +135,10 @@ def test_first_error_is_a_one_line_message_not_a_traceback(tmp_path):
 
 
 def test_overrides_parse_types():
-    cfg = tg.parse_overrides(["--seeds=0,1,2", "--lr_muon=1e-2", "--max_steps=5", "--prenorm=True", "--task=add",
-                              "--resume=False", "--save_checkpoint=False", "--betas_adamw=0.9,0.95"],
-                             {k: getattr(tg, k) for k in tg.CONFIG_KEYS})
-    assert cfg["seeds"] == "0,1,2" and cfg["lr_muon"] == 0.01 and cfg["max_steps"] == 5 and cfg["prenorm"] is True
-    assert cfg["resume"] is False and cfg["save_checkpoint"] is False and tg.parse_betas(cfg["betas_adamw"], "b") == (0.9, 0.95)
-    assert tg.parse_list(cfg["seeds"], int, "seeds") == [0, 1, 2]
+    cfg = tg.parse_overrides(["--seed=3", "--lr_muon=1e-2", "--max_steps=5", "--prenorm=True", "--task=add",
+                              "--save_checkpoint=False", "--betas_adamw=0.9,0.95"], defaults())
+    assert cfg["seed"] == 3 and cfg["lr_muon"] == 0.01 and cfg["max_steps"] == 5 and cfg["prenorm"] is True
+    assert cfg["save_checkpoint"] is False and cfg["betas_adamw"] == "0.9,0.95"
 
 
 def test_short_run_memorizes_and_writes_results(tmp_path):
@@ -146,9 +147,8 @@ def test_short_run_memorizes_and_writes_results(tmp_path):
     summation order, so only a margin is asserted there)."""
     torch.set_num_threads(1)
     cfg = tg.parse_overrides(["--p=11", "--task=add", "--train_frac=0.5", "--max_steps=150", "--eval_every=10",
-                              "--batch_size=32", "--seeds=0", "--threads=1", "--stop_on_grok=False",
-                              "--d_model=64", "--n_head=2", "--d_mlp=128",
-                              f"--out_dir={tmp_path}"], {k: getattr(tg, k) for k in tg.CONFIG_KEYS})
+                              "--batch_size=32", "--seed=0", "--threads=1", "--stop_on_grok=False",
+                              "--d_model=64", "--n_head=2", "--d_mlp=128", f"--out_dir={tmp_path}"], defaults())
     out = tg.main(cfg)
     runs = out["runs"]
     assert [r["optimizer"] for r in runs] == ["adamw", "muon"]
@@ -174,24 +174,8 @@ def test_short_run_memorizes_and_writes_results(tmp_path):
     # the two optimizers started from the same weights: same first evaluation
     a, m = (json.load(open(tmp_path / "runs" / f"{r['name']}.json"))["curve"] for r in runs)
     assert a["val_loss"][0] == m["val_loss"][0]
-    # a finished run is reused, not retrained
-    again = tg.main(cfg)
-    assert [r["wall_s"] for r in again["runs"]] == [r["wall_s"] for r in runs]
-
-
-def test_study_summary_counts_censored_runs():
-    def rec(opt, seed, step):
-        return dict(task="add", optimizer=opt, seed=seed, grok_step=step, max_steps=1000, lr=1.0, memorize_step=5)
-    records = [rec("adamw", s, st) for s, st in enumerate([400, 600, None])] + \
-              [rec("muon", s, st) for s, st in enumerate([100, 150, 200])]
-    s = tg.summarize(records, ["add"], ["adamw", "muon"])
-    row = s["per_task"]["add"]
-    assert row["adamw"]["grokked"] == 2 and row["adamw"]["n"] == 3
-    assert row["adamw"]["steps"] == [400, 600, 1000]  # censored counted at max_steps, not dropped
-    assert row["muon"]["speedup"] == pytest.approx(600 / 150)
-    lo, hi = row["muon"]["speedup_ci95"]
-    assert lo <= 4.0 <= hi
-    assert row["muon"]["welch"]["p"] < 0.2
+    assert all(r["identity"]["source_hash"] == tg.SOURCE_HASH and r["source_files"] ==
+               ["train_grokking.py", "model_tiny.py", "muon_optim.py"] for r in runs)
 
 
 def test_ctrl_c_saves_checkpoint_and_partial_results(tmp_path):
@@ -201,8 +185,8 @@ def test_ctrl_c_saves_checkpoint_and_partial_results(tmp_path):
     torch.set_num_threads(1)
     cfg = tg.parse_overrides(["--p=11", "--task=add", "--optimizers=adamw", "--max_steps=1000000", "--batch_size=16",
                               "--d_model=32", "--n_head=2", "--d_mlp=64", "--threads=1", "--stop_on_grok=False",
-                              f"--out_dir={tmp_path}"], {k: getattr(tg, k) for k in tg.CONFIG_KEYS})
-    tg.train_run(dict(cfg, max_steps=2, out_dir=str(tmp_path / "warmup")), "add", "adamw", 3e-3, 0, show_bar=False)
+                              f"--out_dir={tmp_path}"], defaults())
+    tg.train_run(dict(cfg, max_steps=2, out_dir=str(tmp_path / "warmup")), "adamw", show_bar=False)
     # a shell's background job starts with SIGINT ignored, and Python then installs no handler:
     # install the default one, so the test means the same however the suite was started
     saved_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -225,7 +209,7 @@ def test_ctrl_c_saves_checkpoint_and_partial_results(tmp_path):
 
 def test_muon_run_puts_only_hidden_matrices_in_muon():
     model = TinyTransformer(TinyConfig(vocab_size=13, n_classes=11))
-    opt = tg.make_optimizer("muon", model, {k: getattr(tg, k) for k in tg.CONFIG_KEYS}, lr=0.05)
+    opt = tg.make_optimizer("muon", model, defaults(), lr=0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     muon = {names[id(p)] for g in opt.param_groups if g["use_muon"] for p in g["params"]}
     adam = {names[id(p)] for g in opt.param_groups if not g["use_muon"] for p in g["params"]}
@@ -233,176 +217,6 @@ def test_muon_run_puts_only_hidden_matrices_in_muon():
                     ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.fc.weight", "mlp.proj.weight")}
     assert {"tok_emb.weight", "pos_emb.weight", "head.weight", "head.bias"} <= adam
     assert len(muon) + len(adam) == len(list(model.parameters()))
-
-
-def test_rerun_reuses_only_runs_with_the_same_settings(tmp_path):
-    """Any constant that can change a run (not just a hand-picked list) is part of its cache key; the
-    AdamW run does not depend on the Muon knobs, so it stays cached when only those change."""
-    torch.set_num_threads(1)
-    first = {r["optimizer"]: r for r in tg.main(tiny(tmp_path))["runs"]}
-    assert all(r["source_hash"] == tg.SOURCE_HASH and r["source_files"] ==
-               ["train_grokking.py", "model_tiny.py", "muon_optim.py"] for r in first.values())
-    same = {r["optimizer"]: r for r in tg.main(tiny(tmp_path))["runs"]}
-    assert all(same[o]["wall_s"] == first[o]["wall_s"] for o in first)  # reused
-    muon_knob = {r["optimizer"]: r for r in tg.main(tiny(tmp_path, "--momentum_muon=0.9"))["runs"]}
-    assert muon_knob["adamw"]["wall_s"] == first["adamw"]["wall_s"]
-    assert muon_knob["muon"]["settings"]["momentum_muon"] == 0.9
-    betas = {r["optimizer"]: r for r in tg.main(tiny(tmp_path, "--betas_adamw=0.9,0.95"))["runs"]}
-    assert all(betas[o]["settings"]["betas_adamw"] == "0.9,0.95" for o in first)  # both use AdamW betas
-    eps = tg.main(tiny(tmp_path, "--eps_adamw=1e-6", "--optimizers=adamw"))["runs"][0]
-    assert eps["settings"]["eps_adamw"] == 1e-6
-    forced = tg.main(tiny(tmp_path, "--resume=False", "--optimizers=adamw"))["runs"][0]
-    assert forced["settings"] == first["adamw"]["settings"]
-    with open(tmp_path / "runs" / f"{forced['name']}.json") as f:
-        assert json.load(f)["wall_s"] == forced["wall_s"]  # retrained and rewritten
-    (tmp_path / "runs" / f"{forced['name']}.json").write_text('{"name": "trunc')  # e.g. edited by hand
-    redone = tg.main(tiny(tmp_path, "--optimizers=adamw"))["runs"][0]
-    assert redone["settings"] == first["adamw"]["settings"] and redone["source_hash"] == tg.SOURCE_HASH
-
-
-def test_edit_and_rerun_retrains(tmp_path):
-    """The user story of issue 11: run, edit model_tiny.py, run the same command again -> retrained
-    (the record's source_hash covers the trainer, the model file and muon_optim.py); unchanged -> reused."""
-    for name in ("train_grokking.py", "model_tiny.py", "muon_optim.py"):
-        shutil.copy(os.path.join(ROOT, name), tmp_path / name)
-    args = ["--p=5", "--task=add", "--optimizers=muon", "--lr_muon=0.05", "--max_steps=4", "--eval_every=2", "--batch_size=8",
-            "--d_model=16", "--n_head=2", "--d_mlp=16", "--threads=1", "--save_checkpoint=False", "--out_dir=out"]
-    torch.set_num_threads(1)
-    first = tg.main(tg.parse_overrides(args[:-1] + [f"--out_dir={tmp_path / 'out'}"],
-                                       {k: getattr(tg, k) for k in tg.CONFIG_KEYS}))["runs"][0]
-
-    def rerun():  # the same command, from the copied scripts
-        proc = subprocess.run([sys.executable, "train_grokking.py", *args], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg"))
-        assert proc.returncode == 0, proc.stderr
-        with open(tmp_path / "out" / "runs" / "add_muon_lr0.05_seed0.json") as f:
-            return proc.stdout, json.load(f)
-
-    out, again = rerun()
-    assert "reusing 1 finished run(s)" in out and again["wall_s"] == first["wall_s"]
-    with open(tmp_path / "model_tiny.py", "a") as f:
-        f.write("\n# an edit\n")
-    out, edited = rerun()
-    assert "retraining 1 (code changed)" in out
-    assert edited["source_hash"] != first["source_hash"] and edited["settings"] == first["settings"]
-
-
-def defaults():
-    return {k: getattr(tg, k) for k in tg.CONFIG_KEYS}
-
-
-def test_tune_grid_parsing_and_clear_errors():
-    grid = tg.parse_grid("lr_muon=0.05,0.1; weight_decay_muon=0.25,0.5,1;ns_method=newton_schulz,polar_express;"
-                         "batch_size=256,512", "muon", defaults())
-    assert grid == {"lr_muon": [0.05, 0.1], "weight_decay_muon": [0.25, 0.5, 1.0],
-                    "ns_method": ["newton_schulz", "polar_express"], "batch_size": [256, 512]}
-    assert isinstance(grid["batch_size"][0], int) and isinstance(grid["weight_decay_muon"][2], float)
-    assert len(tg.grid_configs(grid)) == 24 and tg.grid_configs({}) == [{}]
-    assert tg.grid_configs({"a": [1, 2], "b": [3]}) == [{"a": 1, "b": 3}, {"a": 2, "b": 3}]
-    for text, match in [("lr_adamw=1e-3;momentum_muon=0.9", "cannot tune 'momentum_muon' \\(it does not change a adamw run"),
-                        ("lr_muon=0.05", "cannot tune 'lr_muon' \\(it does not change a adamw run"),
-                        ("lr=1e-3", "cannot tune 'lr' \\(no such setting\\); tunable for adamw: .*lr_adamw"),
-                        ("max_steps=100,200", "cannot tune 'max_steps' \\(it defines the task or the measurement"),
-                        ("seeds=1,2", "cannot tune 'seeds'"),
-                        ("lr_adamw", "is not name=v1,v2"),
-                        ("lr_adamw=1e-3;lr_adamw=3e-3", "appears twice"),
-                        ("lr_adamw=1e-3,1e-3", "distinct values"),
-                        ("lr_adamw=", "distinct values"),
-                        ("lr_adamw=fast", "expected a number"),
-                        ("batch_size=256.5", "expected a whole number")]:
-        with pytest.raises(ValueError, match=match):
-            tg.parse_grid(text, "adamw", defaults())
-
-
-def test_tune_budgets_must_be_equal_and_seeds_disjoint(tmp_path):
-    cfg = dict(defaults(), tune_grid_adamw="lr_adamw=1e-3,3e-3,1e-2;weight_decay=0.3,1,3",
-               tune_grid_muon="lr_muon=0.05,0.1;weight_decay_muon=0.25,1;lr_muon_aux=3e-3,3e-2")
-    with pytest.raises(ValueError, match=r"unequal tuning budgets: adamw 9 \(3 x 3\); muon 8 \(2 x 2 x 2\) "
-                                         r"configurations.*--tune_unequal_ok=True"):
-        tg.tuning_grids(cfg, ["adamw", "muon"])
-    assert len(tg.tuning_grids(dict(cfg, tune_unequal_ok=True), ["adamw", "muon"])["adamw"]) == 2
-    assert tg.tuning_grids(cfg, ["muon"])["muon"]["lr_muon"] == [0.05, 0.1]  # one optimizer: nothing to compare
-    with pytest.raises(ValueError, match=r"adamw 1 \(no grid: its defaults\); muon 2"):
-        tg.tuning_grids(dict(defaults(), tune_lrs_muon="0.05,0.1"), ["adamw", "muon"])
-    with pytest.raises(ValueError, match="not both"):
-        tg.tuning_grids(dict(cfg, tune_lrs_adamw="1e-3"), ["adamw", "muon"])
-    # the old LR-list flags are a shorthand for a one-axis grid
-    old = tg.tuning_grids(dict(defaults(), tune_lrs_adamw="1e-3,3e-3", tune_lrs_muon="0.05,0.1"), ["adamw", "muon"])
-    assert old == {"adamw": {"lr_adamw": [1e-3, 3e-3]}, "muon": {"lr_muon": [0.05, 0.1]}}
-    ok = dict(cfg, tune_grid_adamw="lr_adamw=1e-3,3e-3,1e-2,3e-2;weight_decay=0.3,1", out_dir=str(tmp_path))
-    with pytest.raises(ValueError, match=r"--tune_seeds \[2\] overlap --seeds"):
-        tg.main(dict(ok, seeds="0,1,2", tune_seeds="2,3"))
-    with pytest.raises(ValueError, match="tuning grids given but no --tune_seeds"):
-        tg.main(dict(ok, seeds="0"))
-
-
-def test_pick_config_mean_grok_step_ties_and_edge_flags():
-    def rec(step, acc=1.0):
-        return dict(grok_step=step, max_steps=400, final_val_acc=acc)
-    grid = {"lr_muon": [0.05, 0.1, 0.2], "ns_method": ["newton_schulz", "polar_express"]}
-    configs = tg.grid_configs(grid)
-    per = [[rec(300), rec(None)], [rec(200), rec(220)], [rec(140), rec(180)],  # product order: lr 0.05 ns, pe,
-           [rec(150), rec(200)], [rec(None, 0.5), rec(None, 0.6)], [rec(None, 0.5), rec(None, 0.7)]]  # 0.1 ns, ...
-    w = tg.pick_config(per, "div", "muon", configs, grid, [100, 101])
-    assert w["values"] == {"lr_muon": 0.1, "ns_method": "newton_schulz"}  # mean 160 beats 175
-    assert w["at_edge"] == [] and w["scores"][0]["steps"] == [300, 400]  # censored counted at max_steps
-    per[3] = [rec(140), rec(180)]  # a tie at 160: the first in grid order (0.1 newton_schulz) wins
-    assert tg.pick_config(per, "div", "muon", configs, grid, [100, 101])["values"]["ns_method"] == "newton_schulz"
-    per = [[rec(None, 0.1)]] * 4 + [[rec(None, 0.3)], [rec(None, 0.2)]]  # all censored: best final val acc
-    w = tg.pick_config(per, "div", "muon", configs, grid, [100])
-    assert w["values"] == {"lr_muon": 0.2, "ns_method": "newton_schulz"}
-    assert w["at_edge"] == [dict(name="lr_muon", value=0.2, side="high", grid=[0.05, 0.1, 0.2])]  # strings: no order
-    assert tg.grid_edges({"x": 1.0}, {"x": [1.0]}) == []  # a single value is not tuned, not an edge
-
-
-def test_grid_tuning_end_to_end(tmp_path, capsys):
-    """p=11: both optimizers tuned over 2-setting grids (2 configurations each) on seed 100, reported
-    on seed 0 with each winner's values; names carry the tuned values; a rerun reuses every run."""
-    torch.set_num_threads(1)
-    args = ["--seeds=0", "--tune_seeds=100", "--max_steps=20", "--save_checkpoint=False",
-            "--tune_grid_adamw=lr_adamw=1e-3,1e-2;weight_decay=0.3", "--tune_grid_muon=lr_muon=0.05;lr_muon_aux=3e-3,3e-2"]
-    out = tg.main(tiny(tmp_path, *args))
-    tune = [r for r in out["runs"] if r["phase"] == "tune"]
-    evals = {r["optimizer"]: r for r in out["runs"] if r["phase"] == "eval"}
-    assert len(tune) == 4 and {r["seed"] for r in tune} == {100} and {r["seed"] for r in evals.values()} == {0}
-    assert len({r["name"] for r in out["runs"]}) == 6 and "add_muon_lr0.05_lr_muon_aux0.003_seed100" in {r["name"] for r in tune}
-    for o, lr_key in (("adamw", "lr_adamw"), ("muon", "lr_muon")):
-        won = out["tuned"][f"add/{o}"]["values"]
-        assert evals[o]["hparams"] == won and evals[o]["lr"] == won[lr_key] == out["tuned_lr"][f"add/{o}"]
-        assert all(evals[o]["settings"][k] == v for k, v in won.items() if k != lr_key)
-        assert out["tuned"][f"add/{o}"]["n_configs"] == 2 and len(out["tuned"][f"add/{o}"]["scores"]) == 2
-    assert evals["adamw"]["settings"]["weight_decay"] == 0.3
-    assert {(e["optimizer"], e["name"]) for e in out["tuning_edges"]} == {("adamw", "lr_adamw"), ("muon", "lr_muon_aux")}
-    text = capsys.readouterr().out
-    assert "at the edge: extend the grid (add/adamw: lr_adamw=" in text and "tuned add/muon (2 configuration(s)" in text
-    with open(tmp_path / "results.json") as f:
-        assert json.load(f)["tuning_edges"] == out["tuning_edges"]
-    again = tg.main(tiny(tmp_path, *args))
-    assert [r["wall_s"] for r in again["runs"]] == [r["wall_s"] for r in out["runs"]]
-    assert "tuning add: reusing 4 finished run(s)" in capsys.readouterr().out
-
-
-def test_star_design_varies_one_setting_at_a_time_around_the_current_values():
-    grid = tg.parse_grid("lr_muon=0.05,0.1,0.2;weight_decay_muon=0.25,0.5,1;lr_muon_aux=3e-3,1e-2,3e-2", "muon", defaults())
-    cfg = dict(defaults(), tune_design="star", lr_muon=0.1, weight_decay_muon=0.5, lr_muon_aux=1e-2)
-    center = tg.star_center(cfg, "muon", grid)
-    configs = tg.grid_configs(grid, "star", center)
-    assert len(configs) == 7 and configs[0] == {"lr_muon": 0.1, "weight_decay_muon": 0.5, "lr_muon_aux": 1e-2}
-    assert all(sum(c[k] != center[k] for k in grid) == 1 for c in configs[1:])  # one setting off the center
-    assert {c["lr_muon"] for c in configs} == {0.05, 0.1, 0.2} and len({tuple(c.items()) for c in configs}) == 7
-    both = dict(cfg, tune_grid_muon="lr_muon=0.05,0.1,0.2;weight_decay_muon=0.25,0.5,1;lr_muon_aux=3e-3,1e-2,3e-2",
-                tune_grid_adamw="lr_adamw=1e-3,2e-3,3e-3,5e-3,1e-2;weight_decay=0.3,1,3", lr_adamw=3e-3, weight_decay=1.0)
-    assert set(tg.tuning_grids(both, ["adamw", "muon"])) == {"adamw", "muon"}  # 1 + 4 + 2 == 1 + 2 + 2 + 2
-    with pytest.raises(ValueError, match=r"unequal tuning budgets: adamw 6 \(4 \+ 3\); muon 7"):
-        tg.tuning_grids(dict(both, tune_grid_adamw="lr_adamw=1e-3,2e-3,3e-3,5e-3;weight_decay=0.3,1,3"), ["adamw", "muon"])
-    with pytest.raises(ValueError, match=r"weight_decay_muon's list must hold its current value 0.4"):
-        tg.tuning_grids(dict(both, weight_decay_muon=0.4), ["adamw", "muon"])
-    with pytest.raises(ValueError, match="choose product or star"):
-        tg.tuning_grids(dict(both, tune_design="random"), ["adamw", "muon"])
-    # the winner's setting at the end of its list is flagged as in the product design
-    per = [[dict(grok_step=s, max_steps=400, final_val_acc=1.0)] for s in (200, 300, 150, 250, 260, 270, 280)]
-    w = tg.pick_config(per, "div", "muon", configs, grid, [100])
-    assert w["values"] == configs[2] and [e["name"] for e in w["at_edge"]] == ["lr_muon"]
 
 
 def test_a_run_still_near_chance_at_give_up_at_stops_as_censored(tmp_path):
@@ -413,7 +227,7 @@ def test_a_run_still_near_chance_at_give_up_at_stops_as_censored(tmp_path):
                        "--give_up_at=15", "--max_steps=60", "--p=23", "--batch_size=128"))
     adamw, muon = (next(r for r in out["runs"] if r["optimizer"] == o) for o in ("adamw", "muon"))
     assert adamw["gave_up"] and adamw["steps_run"] == 20 and adamw["censored"] and adamw["final_train_acc"] < 0.1
-    assert tg.steps_or_max([adamw]) == [60] and tg.fmt_step(adamw) == ">60*"
+    assert adamw["grok_step"] is None and tg.fmt_step(adamw) == ">60*"
     assert not muon["gave_up"] and muon["steps_run"] == 60
     kept = tg.main(tiny(tmp_path / "b", "--optimizers=adamw", "--lr_adamw=3.0", "--weight_decay=0",
                         "--give_up_at=0", "--max_steps=30", "--p=23"))
@@ -446,3 +260,83 @@ def test_hard_task_analysis_reads_the_committed_records_and_a_checkpoint(tmp_pat
     tg.main(tiny(tmp_path / "add", "--optimizers=muon"))
     with pytest.raises(SystemExit, match="x2xyy2"):
         an.error_report(glob.glob(str(tmp_path / "add" / "ckpt" / "*.pt"))[0])
+
+
+# -----------------------------------------------------------------------------
+# issue 18: the run identity; every setting checked before the first step; diverged runs marked
+
+def test_the_record_holds_the_run_identity_with_the_compute_dtype(tmp_path, monkeypatch):
+    """The compute dtype muon_optim picks (bf16 with MUON_CPU_BF16=1) is part of the recorded identity,
+    so a study never reuses an fp32 run for a bf16 request (tests/test_study_grokking.py)."""
+    import muon_optim
+    dtypes = []
+    try:
+        for env in ("0", "1"):
+            monkeypatch.setenv("MUON_CPU_BF16", env)
+            muon_optim.cpu_fast_bf16.cache_clear()
+            rec = tg.main(tiny(tmp_path / env, "--optimizers=muon", "--p=5", "--max_steps=2", "--d_model=16",
+                               "--d_mlp=16", "--save_checkpoint=False"))["runs"][0]
+            dtypes.append(rec["identity"]["compute_dtype"])
+            assert rec["identity"] == tg.run_identity(rec["settings"], tg.SOURCE_HASH, "")
+    finally:
+        monkeypatch.delenv("MUON_CPU_BF16")
+        muon_optim.cpu_fast_bf16.cache_clear()
+    assert dtypes[0] == "torch.float32" and "bfloat16" in dtypes[1]
+
+
+def test_a_diverged_run_stops_and_is_marked(tmp_path):
+    """lr 1e4 makes the loss NaN by the first evaluation: the run stops there, censored and marked
+    diverged (argmax of NaN logits would otherwise score chance accuracy as if it were learning)."""
+    rec = tg.main(tiny(tmp_path, "--optimizers=adamw", "--lr_adamw=1e4", "--give_up_at=0"))["runs"][0]
+    assert rec["diverged"] and rec["censored"] and rec["steps_run"] == 10 and tg.fmt_step(rec) == ">30!"
+
+
+BAD_SETTINGS = [
+    ("--eval_every=0", "--eval_every=0: "), ("--batch_size=0", "--batch_size=0: "),
+    ("--max_steps=0", "--max_steps=0: "),
+    ("--n_head=3", "--n_head=3: .*d_model=32"), ("--device=cuda", "--device=cuda: .*--device=cpu"),
+    ("--device=gpu", "--device=gpu: "), ("--ns_method=newton", "ns_method.*'newton'"),
+    ("--threshold=1.5", "--threshold=1.5: "), ("--warmup_steps=-1", "--warmup_steps=-1: "),
+    ("--give_up_at=-5", "--give_up_at=-5: "), ("--lr_muon=0", "--lr_muon=0: "), ("--lr_adamw=-1", "--lr_adamw=-1: "),
+    ("--weight_decay=-1", "--weight_decay=-1: "), ("--momentum_muon=1", "--momentum_muon=1: "),
+    ("--optimizers=sgd", "--optimizers=sgd: "), ("--threads=-1", "--threads=-1: "), ("--n_layer=0", "--n_layer=0: "),
+    ("--p=1", "--p=1: "), ("--d_mlp=0", "--d_mlp=0: "), ("--eps_adamw=0", "--eps_adamw=0: "),
+    ("--lr_muon_aux=0", "--lr_muon_aux=0: "), ("--weight_decay_muon=-1", "--weight_decay_muon=-1: ")]
+
+
+@pytest.mark.parametrize("arg, match", BAD_SETTINGS)
+def test_every_setting_is_checked_before_the_first_run(tmp_path, arg, match):
+    """One line naming the setting, its value and the fix, before any run trains (a misspelled
+    ns_method was reported only after the whole AdamW run had trained)."""
+    if arg == "--device=cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises((ValueError, SystemExit), match=match) as exc:
+        tg.main(tiny(tmp_path, "--max_steps=5" if arg != "--max_steps=0" else "--seed=0", arg))
+    assert "\n" not in str(exc.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_lists_every_setting():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_grokking.py"), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    for k in tg.CONFIG_KEYS:
+        assert f"--{k}=" in proc.stdout
+    assert "--lr_muon=0.1" in proc.stdout and "momentum 0.85" in proc.stdout
+
+
+def test_no_checkpoint_is_promised_without_save_checkpoint(tmp_path, capsys, monkeypatch):
+    tg.main(tiny(tmp_path, "--optimizers=adamw", "--max_steps=2", "--save_checkpoint=False"))
+    out = capsys.readouterr().out
+    assert "wrote" in out and "checkpoints in" not in out and "ckpt" not in out
+    assert not (tmp_path / "ckpt").exists()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tg, "train_run", interrupted)
+    with pytest.raises(SystemExit):
+        tg.main(tiny(tmp_path / "b", "--optimizers=adamw", "--max_steps=2", "--save_checkpoint=False"))
+    (line,) = [t for t in capsys.readouterr().out.splitlines() if "interrupted" in t]
+    assert "checkpoint" not in line
+
+

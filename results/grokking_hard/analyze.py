@@ -20,7 +20,9 @@ import sys
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root: train_grokking, model_tiny
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root: train_grokking, study_grokking
+import numpy as np  # noqa: E402
+import study_grokking as sg  # noqa: E402
 import train_grokking as tg  # noqa: E402
 from model_tiny import TinyConfig, TinyTransformer  # noqa: E402
 
@@ -58,18 +60,23 @@ def settings_of(r):
     return {"lr": s["lr"], "wd": s["weight_decay_muon"], "aux lr": s["lr_muon_aux"]}
 
 
+def fmt(values):
+    return " ".join("-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v) for v in values)
+
+
 def curve_table(runs):
-    fmt = lambda vs: " ".join("-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v) for v in vs)
-    lines = ["| task | optimizer: settings | memorize (train >= 0.99) | val >= 0.5 | val >= 0.8 | val acc at 5000 | best val acc | val acc at 10000 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | optimizer: settings | memorize (train >= 0.99) | val >= 0.5 | val >= 0.8 | val acc at 5000 "
+             "| best val acc | val acc at 10000 |", "|---|---|---|---|---|---|---|---|"]
     for t in dict.fromkeys(r["task"] for r in runs):
         for o in ("adamw", "muon"):
             rs = sorted((r for r in runs if r["task"] == t and r["optimizer"] == o), key=lambda r: r["seed"])
             c = [r["curve"] for r in rs]
             hp = ", ".join(f"{k} {v:g}" for k, v in settings_of(rs[0]).items())
-            lines.append(f"| {t} | {o}: {hp} | {fmt([r['memorize_step'] for r in rs])} | {fmt([first_step(x, 'val_acc', 0.5) for x in c])} "
-                         f"| {fmt([first_step(x, 'val_acc', 0.8) for x in c])} | {fmt([value_at(x, 'val_acc', 5000) for x in c])} "
-                         f"| {fmt([max(x['val_acc']) for x in c])} | {fmt([value_at(x, 'val_acc', rs[0]['max_steps']) for x in c])} |")
+            lines.append(f"| {t} | {o}: {hp} | {fmt([r['memorize_step'] for r in rs])} "
+                         f"| {fmt([first_step(x, 'val_acc', 0.5) for x in c])} "
+                         f"| {fmt([first_step(x, 'val_acc', 0.8) for x in c])} "
+                         f"| {fmt([value_at(x, 'val_acc', 5000) for x in c])} | {fmt([max(x['val_acc']) for x in c])} "
+                         f"| {fmt([value_at(x, 'val_acc', rs[0]['max_steps']) for x in c])} |")
     return "\n".join(lines)
 
 
@@ -80,11 +87,13 @@ def threshold_ratios(runs, levels=(("x2xyy2", 0.5), ("x2xyy2", 0.8), ("x3xy", 0.
         steps = {o: [first_step(r["curve"], "val_acc", level) or r["max_steps"] for r in runs
                      if r["task"] == t and r["optimizer"] == o] for o in ("adamw", "muon")}
         ratio = statistics.median(steps["adamw"]) / statistics.median(steps["muon"])
-        lo, hi = tg.bootstrap_ratio_ci(steps["adamw"], steps["muon"])
-        w = tg.welch(steps["adamw"], steps["muon"])
+        lo, hi = sg.bootstrap_ci((steps["adamw"], steps["muon"]),
+                                 lambda a, b: np.median(a, axis=1) / np.median(b, axis=1))
+        w = sg.welch(steps["adamw"], steps["muon"])
         censored = any(s == runs[0]["max_steps"] for s in steps["adamw"])
         lines.append(f"{t} val >= {level}: adamw {steps['adamw']} muon {steps['muon']}: ratio "
-                     f"{'>= ' if censored else ''}{ratio:.2f} [{lo:.2f}, {hi:.2f}], Welch p {w['p'] if w else float('nan'):.2g}")
+                     f"{'>= ' if censored else ''}{ratio:.2f} [{lo:.2f}, {hi:.2f}], "
+                     f"Welch p {w['p'] if w else float('nan'):.2g}")
     return "\n".join(lines)
 
 
@@ -96,7 +105,7 @@ def plot(runs, path):
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.8), sharey=True, squeeze=False)
     for ax, t in zip(axes[0], tasks):
         for r in (r for r in runs if r["task"] == t):
-            c, col = r["curve"], tg.COLORS[r["optimizer"]]
+            c, col = r["curve"], sg.COLORS[r["optimizer"]]
             first = r["seed"] == min(q["seed"] for q in runs)
             ax.plot(c["step"], c["val_acc"], color=col, lw=1.2, label=f"{r['optimizer']} val" if first else None)
             ax.plot(c["step"], c["train_acc"], color=col, lw=0.6, ls="--", alpha=0.6,
@@ -133,8 +142,9 @@ def error_report(ckpt_path):
     wrong = ~ok & ((x * y) % p != 0)
     k = ((pred[wrong] - x[wrong] ** 2 - y[wrong] ** 2) % p * tg.modular_inverse((x * y % p)[wrong], p)) % p
     top = collections.Counter(k.tolist()).most_common(3)
-    return (f"{os.path.basename(ckpt_path)} (step {ck['step']}): val acc {ok.float().mean():.3f}; on the diagonal x == y "
-            f"{ok[x == y].float().mean():.2f} (n={int((x == y).sum())}); per answer value {min(by_answer):.2f}-{max(by_answer):.2f}; "
+    return (f"{os.path.basename(ckpt_path)} (step {ck['step']}): val acc {ok.float().mean():.3f}; on the diagonal "
+            f"x == y {ok[x == y].float().mean():.2f} (n={int((x == y).sum())}); per answer value "
+            f"{min(by_answer):.2f}-{max(by_answer):.2f}; "
             f"of {int(wrong.sum())} wrong answers with xy != 0, the most common as x^2 + k*x*y + y^2: "
             + ", ".join(f"k={kk} ({n}, {n / int(wrong.sum()):.0%})" for kk, n in top))
 
