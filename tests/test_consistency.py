@@ -6,10 +6,11 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["train_grokking.py", "train_muon.py", "train_ngpt.py", "prepare_fineweb.py", "bench.py", "study_lm.py"]
+SCRIPTS = ["train_grokking.py", "train_muon.py", "train_ngpt.py", "prepare_fineweb.py", "bench.py", "study_lm.py",
+           "study_grokking.py", "study_ngpt.py"]
 PASTED = ["parse_overrides", "atomic_save", "atomic_write_json", "load_checkpoint", "rng_state", "set_rng_state",
           "source_hash", "read_shard", "SHARD_MAGIC", "settings_help", "data_fingerprint", "run_identity",
-          "identity_diff"]
+          "identity_diff", "build_vocab_map", "parse_grid", "bootstrap_ci"]
 
 
 def top_level(path):
