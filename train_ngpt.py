@@ -1,27 +1,25 @@
 """
 train_ngpt.py -- nGPT (the normalized transformer, Loshchilov et al. 2024, arXiv 2410.01131) trained
-with Adam or with Muon while every weight vector stays on its unit hypersphere.
+with Adam or with Muon while every weight vector stays on its unit hypersphere (results/ngpt.md).
 
     python train_ngpt.py                                   # GPU-sized defaults, shards from prepare_fineweb.py
     python train_ngpt.py --optimizer=adam --lr_adam=5e-4   # the paper's baseline
     python train_ngpt.py --sphere=geodesic                 # Muon steps along great circles
-    python train_ngpt.py --sweep=lr                        # built-in sweeps: lr | proj_every | update | toggles
     python train_ngpt.py --stop_after_steps=500            # checkpoint and exit; --resume=True continues exactly
     python train_ngpt.py --wandb_log=True                  # also log metrics.json's numbers to Weights & Biases
+    python study_ngpt.py --sweep=lr                        # the sweeps: lr | proj_every | update | toggles
 
-Every constant below can be overridden as --name=value (flags: True/False, lists: comma-separated;
---help lists them). The model lives in this file; the sphere-respecting updates ('project', 'geodesic',
-'geodesic_scaled', lazy projection every k steps) are per-group options of muon_optim.Muon, so they
-work for Muon and Adam groups alike. Data: llm.c / modded-nanogpt token shards (256 x int32 header:
-magic 20240520, version 1, token count; then uint16 tokens), e.g. written by prepare_fineweb.py.
-metrics.json and ckpt.pt record the run's identity (settings, code, data; see NOT_RUN_SETTINGS): a sweep
-reuses a finished run, and --resume=True continues a checkpoint, only when it matches (see RESUMABLE).
+Every constant below can be overridden as --name=value (--help lists them). The model lives in this file;
+staying on the sphere ('project', 'geodesic', 'geodesic_scaled', lazy projection) is a per-group option of
+muon_optim.Muon. Data: llm.c / modded-nanogpt token shards (prepare_fineweb.py). metrics.json and ckpt.pt
+record the run's identity (settings, code, data); --resume=True continues only a matching checkpoint.
 """
 import glob
 import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -43,8 +41,7 @@ data_dir = "data/fineweb_edu"
 train_files = "fineweb_train_*.bin"
 val_files = "fineweb_val_*.bin"
 vocab_size = 50304  # GPT-2's 50257 padded to a multiple of 64 (the padding rows are never targets)
-vocab_top = 0  # 0: use the tokens as they are; N: keep the N-1 most frequent train tokens, map the rest to
-# id N-1 and set vocab_size=N (a CPU-recipe shortcut: in a tiny model the 50k-way head is most of the step)
+vocab_top = 0  # 0: the tokens as they are; N: keep the N-1 most frequent train tokens, the rest -> id N-1 (CPU recipe)
 # model (GPT-2 small class, the size of train_muon.py's GPT)
 n_layer = 12
 n_head = 6
@@ -58,7 +55,7 @@ grad_accum_steps = 8
 optimizer = "muon"  # 'muon' (Muon on the matrices, Adam on embed/head/scalars) | 'adam' (the paper's baseline)
 max_steps = 6000
 cooldown_frac = 0.3  # constant LR, then linear decay to 0 over the last 30%
-lr_muon = 0.01  # Muon on the hidden matrices (on the sphere Muon wants a smaller LR than GPT's 0.05)
+lr_muon = 0.01  # Muon on the hidden matrices
 momentum_muon = 0.95
 ns_method = "newton_schulz"  # 'newton_schulz' (NS5) | 'polar_express' | 'gram_newton_schulz'
 normuon = 0.0  # NorMuon beta2 (e.g. 0.95); 0.0 = off
@@ -78,8 +75,9 @@ eval_every = 250
 eval_tokens = 10 * 65536  # a fixed slice from the start of the val shard
 ckpt_every = 1000  # 0 = only at the end and on Ctrl-C
 stop_after_steps = 0  # > 0: train at most this many steps per invocation, checkpoint, exit; --resume=True continues
-save_checkpoint = True  # False: no ckpt.pt (the sweeps)
+save_checkpoint = True  # False: no ckpt.pt (study_ngpt.py's runs)
 resume = False  # continue from out_dir/ckpt.pt (its run identity required, except the RESUMABLE settings)
+dry_run = False  # True: check every setting, print the run identity as JSON (no data hash), exit (study_ngpt.py)
 out_dir = "out/ngpt"
 wandb_log = False  # True: also log the metrics.json numbers to wandb (pip install wandb)
 wandb_project = "muon-lab"
@@ -89,28 +87,20 @@ device = "auto"  # auto = cuda if available, else cpu
 compile = True  # torch.compile (CUDA only; ignored on CPU)
 threads = 0  # CPU threads for torch (0 = torch's default)
 seed = 1337
-# built-in experiments
-sweep = ""  # '' | 'lr' | 'proj_every' | 'update' | 'toggles'
-sweep_optimizers = "muon,adam"  # which optimizers a sweep covers (toggles: Muon only)
-sweep_lrs_muon = "0.001,0.003,0.01,0.023,0.05,0.1"  # the lr sweep's lr_muon values
-sweep_lrs_adam = "5e-4,1.5e-3,5e-3,1.5e-2,3e-2,5e-2"  # ... and lr_adam values
-sweep_proj_every = "1,3,5,7,10,15,20"
 # -----------------------------------------------------------------------------
 CONFIG = {k: v for k, v in dict(globals()).items()
           if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str))}
-# settings that only say where the data and the run are, how fast it runs, how often it saves, which
-# sweep: every other constant is part of a run's identity (device and compile enter resolved; the data
-# enter as the fingerprint of the shards read). An Adam run ignores the Muon knobs and a Muon run the
-# Adam baseline's, so sweeps share those runs
-NOT_RUN_SETTINGS = ("data_dir", "train_files", "val_files", "out_dir", "resume", "save_checkpoint", "ckpt_every",
-                    "stop_after_steps", "device", "compile", "threads", "wandb_log", "wandb_project", "wandb_run_name",
-                    "sweep", "sweep_optimizers", "sweep_lrs_muon", "sweep_lrs_adam", "sweep_proj_every")
+# not in a run's identity: where the data and the run are, how fast it runs and how often it saves (device and
+# compile enter resolved, the data as the fingerprint of the shards read); an Adam run ignores the Muon knobs
+# and a Muon run the Adam baseline's, so the sweeps share those runs
+NOT_RUN_SETTINGS = ("data_dir", "train_files", "val_files", "out_dir", "resume", "dry_run", "save_checkpoint",
+                    "ckpt_every", "stop_after_steps", "device", "compile", "threads", "wandb_log", "wandb_project",
+                    "wandb_run_name")
 MUON_ONLY = ("lr_muon", "momentum_muon", "ns_method", "normuon", "weight_decay_muon", "lr_embed", "lr_head",
              "lr_scalar")
 ADAM_ONLY = ("lr_adam", "weight_decay")
-# what --resume=True may change, all else in the identity must match: the resumed run computes the same
-# numbers (the shards may move if their fingerprint matches; eval_every changes only which steps are
-# evaluated, compile only the float rounding on CUDA)
+# what --resume=True may change, all else in the identity must match: the resumed run computes the same numbers
+# (moved shards have the same fingerprint; eval_every moves only the evals, compile only CUDA's float rounding)
 RESUMABLE = ("eval_every", "ckpt_every", "stop_after_steps", "save_checkpoint", "out_dir", "data_dir", "train_files",
              "val_files", "threads", "compile", "wandb_log", "wandb_project", "wandb_run_name")
 AT_LEAST_1 = ("n_layer", "n_head", "n_embd", "block_size", "mlp_ratio", "batch_size", "grad_accum_steps", "max_steps",
@@ -118,8 +108,7 @@ AT_LEAST_1 = ("n_layer", "n_head", "n_embd", "block_size", "mlp_ratio", "batch_s
 AT_LEAST_0 = ("ckpt_every", "stop_after_steps", "threads", "lr_muon", "lr_embed", "lr_head", "lr_scalar", "lr_adam",
               "weight_decay_muon", "weight_decay")
 CHOICES = dict(optimizer=("muon", "adam"), sphere=("project", "geodesic", "geodesic_scaled"),
-               ns_method=("newton_schulz", "polar_express", "gram_newton_schulz"),
-               sweep=("", "lr", "proj_every", "update", "toggles"))
+               ns_method=("newton_schulz", "polar_express", "gram_newton_schulz"))
 SOURCE_FILES = (os.path.abspath(__file__), muon_optim.__file__)  # the code a run executes
 
 # -----------------------------------------------------------------------------
@@ -283,13 +272,6 @@ SOURCE_HASH = source_hash(*SOURCE_FILES)
 # -----------------------------------------------------------------------------
 # Settings: checked before anything runs; a run's identity
 
-def parse_list(text, kind, name):
-    try:
-        return [kind(t) for t in str(text).split(",") if t.strip()]
-    except ValueError:
-        raise SystemExit(f"error: --{name}={text}: expected a comma list of {kind.__name__}s, e.g. 1,3,5") from None
-
-
 def check_config(cfg):
     """Stop with the bad setting, its value and the fix before anything is built or trained."""
     def bad(name, why):
@@ -317,19 +299,16 @@ def check_config(cfg):
         bad("vocab_top", "use 0 (full vocab) or a size in 2..65536")
     if cfg["proj_every"] > 1 and cfg["sphere"] != "project":
         bad("proj_every", "lazy projection (> 1) needs --sphere=project (the geodesic steps stay on the sphere)")
-    betas = parse_list(cfg["betas_adam"], float, "betas_adam")
+    try:
+        betas = [float(b) for b in cfg["betas_adam"].split(",")]
+    except ValueError:
+        betas = []
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         bad("betas_adam", "expected two numbers in [0, 1), e.g. 0.9,0.95")
-    try:
-        dev = resolve_device(cfg)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg["device"]):
         bad("device", "use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if resolve_device(cfg).type == "cuda" and not torch.cuda.is_available():
         bad("device", "CUDA is not available on this machine; use --device=cpu (or auto)")
-    if set(parse_list(cfg["sweep_optimizers"], str, "sweep_optimizers")) - {"muon", "adam"}:
-        bad("sweep_optimizers", "use muon and/or adam, e.g. muon,adam")
 
 
 def resolve_device(cfg):
@@ -369,9 +348,8 @@ def build_vocab_map(shards, top):
     counts = np.zeros(65536, dtype=np.int64)
     for tokens in shards:
         counts += np.bincount(tokens, minlength=65536)
-    keep = np.argsort(-counts, kind="stable")[:top - 1]
     table = np.full(65536, top - 1, dtype=np.int64)
-    table[keep] = np.arange(top - 1)
+    table[np.argsort(-counts, kind="stable")[:top - 1]] = np.arange(top - 1)
     return table
 
 
@@ -389,9 +367,6 @@ class ShardLoader:
     def __init__(self, paths, batch_size, block_size, vocab_map=None):
         self.paths, self.B, self.T, self.vocab_map = paths, batch_size, block_size, vocab_map
         self.load_state(dict(shard=0, pos=0))
-        if len(self.tokens) < batch_size * block_size + 1:
-            raise ValueError(f"{paths[0]} has {len(self.tokens)} tokens, fewer than one batch "
-                             f"({batch_size} x {block_size} + 1); lower --batch_size or --block_size")
 
     def state(self):
         return dict(shard=self.shard, pos=self.pos)
@@ -411,30 +386,31 @@ class ShardLoader:
 def load_data(cfg):
     """(train loader, val token slice, vocab_map or None, vocab size, data fingerprint), after checking
     every shard's header and that the data fits the model: a bad shard stops here with the file and the fix."""
-    paths = data_files(cfg)
+    paths, batch = data_files(cfg), cfg["batch_size"] * cfg["block_size"] + 1
     try:
-        for path in paths:
-            read_shard(path)
-        vocab_map, vocab_size = None, cfg["vocab_size"]
-        if cfg["vocab_top"]:
-            vocab_map = build_vocab_map([read_shard(p) for p in paths[:-1]], cfg["vocab_top"])
-            vocab_size = cfg["vocab_top"]
-        loader = ShardLoader(paths[:-1], cfg["batch_size"], cfg["block_size"], vocab_map)
+        shards = [read_shard(path) for path in paths]
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    val = read_shard(paths[-1])[:cfg["eval_tokens"] + 1]
-    if len(val) < cfg["batch_size"] * cfg["block_size"] + 1:
+    for path, tokens in zip(paths, shards[:-1]):
+        if len(tokens) < batch:
+            raise SystemExit(f"error: {path} has {len(tokens)} tokens, fewer than one batch ({batch}); lower "
+                             "--batch_size or --block_size")
+    val = shards[-1][:cfg["eval_tokens"] + 1]
+    if len(val) < batch:
         raise SystemExit(f"error: --eval_tokens={cfg['eval_tokens']}: the val slice ({len(val)} tokens) holds less "
                          "than one batch; raise --eval_tokens or lower --batch_size/--block_size")
-    top_id = int(vocab_map[np.asarray(val)].max()) if vocab_map is not None else int(np.max(val))
+    vocab_map = build_vocab_map(shards[:-1], cfg["vocab_top"]) if cfg["vocab_top"] else None
+    vocab_size = cfg["vocab_top"] or cfg["vocab_size"]
+    top_id = int(np.max(val if vocab_map is None else vocab_map[np.asarray(val)]))
     if top_id >= vocab_size:
         raise SystemExit(f"error: the data holds token id {top_id} but vocab_size={vocab_size}; raise --vocab_size "
                          "(50304 for GPT-2 tokens) or use --vocab_top=N")
+    loader = ShardLoader(paths[:-1], cfg["batch_size"], cfg["block_size"], vocab_map)
     return loader, val, vocab_map, vocab_size, data_fingerprint(paths)
 
 
 # -----------------------------------------------------------------------------
-# The model: nGPT
+# The model: nGPT (results/ngpt.md, "The model")
 
 def unit(x, dim=-1):
     """Scale to unit L2 norm along `dim` (nGPT's justnorm)."""
@@ -442,9 +418,8 @@ def unit(x, dim=-1):
 
 
 class Scale(nn.Module):
-    """A learnable per-dimension scale in nGPT's parameterization: stored as `init_scaling` and
-    used as param * init_value / init_scaling, so the optimizer's step on it is rescaled by the same
-    factor (paper sec. 2.5) and one Adam LR suits alphas and logit scales alike."""
+    """A learnable per-dimension scale stored as `init_scaling` and used as param * init_value / init_scaling,
+    so one Adam LR suits alphas and logit scales alike (paper sec. 2.5)."""
 
     def __init__(self, size, init_value, init_scaling):
         super().__init__()
@@ -514,7 +489,7 @@ class Block(nn.Module):
 
 class NGPT(nn.Module):
     """No norm layers: embeddings, head rows and every matrix are unit vectors along n_embd
-    (see sphere_dims), hidden states live on the sphere, logits are cosines times s_z."""
+    (see sphere_params), hidden states live on the sphere, logits are cosines times s_z."""
 
     def __init__(self, vocab_size, n_layer=12, n_embd=768, n_head=6, block_size=1024, mlp_ratio=4):
         super().__init__()
@@ -534,14 +509,11 @@ class NGPT(nn.Module):
         self.normalize_()
 
     def sphere_params(self):
-        """(parameter, dim) for every matrix kept on the sphere. Weights are (out, in): q, k, v,
-        the MLP input, embedding and head rows are unit along their input/n_embd dim (-1); the
-        attention and MLP output projections map into n_embd, so their columns are (-2)."""
-        out = []
-        for name, p in self.named_parameters():
-            if p.ndim == 2:
-                out.append((p, -2 if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else -1))
-        return out
+        """(parameter, dim) for every matrix kept on the sphere. Weights are (out, in): q, k, v, the MLP
+        input, embedding and head rows are unit along n_embd (-1); the attention and MLP output projections
+        map into n_embd, so their columns are (-2)."""
+        return [(p, -2 if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else -1)
+                for name, p in self.named_parameters() if p.ndim == 2]
 
     @torch.no_grad()
     def normalize_(self):
@@ -570,7 +542,7 @@ def make_optimizer(model, cfg):
     rows = [p for p in model.blocks.parameters() if dims.get(id(p)) == -1]
     cols = [p for p in model.blocks.parameters() if dims.get(id(p)) == -2]
     scalars = [p for p in model.parameters() if id(p) not in dims]
-    betas = tuple(parse_list(cfg["betas_adam"], float, "betas_adam"))
+    betas = tuple(float(b) for b in cfg["betas_adam"].split(","))
     if cfg["optimizer"] == "muon":
         hidden = dict(use_muon=True, lr=cfg["lr_muon"], momentum=cfg["momentum_muon"],
                       weight_decay=cfg["weight_decay_muon"], ns_method=cfg["ns_method"], normuon=cfg["normuon"] or None)
@@ -674,9 +646,9 @@ def resume_from(ckpt_path, cfg, model, opt, loader, metrics):
 
 
 def train(cfg, progress=True):
-    """Train one nGPT with `cfg` (a dict of the constants above). Returns the metrics dict, also written
-    to out_dir/metrics.json with loss.png (and ckpt.pt unless save_checkpoint=False). The layout follows
-    train_muon.py: metrics["runs"][label] holds "train" and "val" lists of {step, loss, time, ...}."""
+    """Train one nGPT with `cfg` (the constants above as a dict). Returns the metrics, also written to
+    out_dir/metrics.json with loss.png (and ckpt.pt unless save_checkpoint=False); as in train_muon.py,
+    metrics["runs"][label] holds "train" and "val" lists of {step, loss, time, ...}."""
     check_config(cfg)
     dev, autocast = setup_torch(cfg)
     loader, val, vocab_map, vocab_size, data_hash = load_data(cfg)
@@ -749,7 +721,7 @@ def train(cfg, progress=True):
         run.update(diverged=diverged, final_val_loss=float("nan") if diverged else vals[-1], best_val_loss=min(vals),
                    train_time=train_time, tok_s=step * tokens_per_step / max(train_time, 1e-9))
         metrics["finished"] = True
-        if diverged:
+        if diverged:  # no checkpoint of a diverged run: the last one saved stays the good one
             atomic_write_json(metrics, metrics_path)
         else:
             save_run(cfg, step, model, opt, loader.state(), metrics, train_time)
@@ -768,43 +740,26 @@ def train(cfg, progress=True):
     return metrics
 
 
-# -----------------------------------------------------------------------------
-# Plots and sweeps
-
-def plot_losses(runs, path, title, sweep_axis=None):
-    """Left: train (thin) and validation (markers) loss per run against step. Right: validation loss
-    against training time, or with sweep_axis=(name, {group: [(x, final val loss)]}) the sweep's
-    final validation loss against the swept value."""
+def plot_losses(runs, path, title):
+    """Train (thin) and validation (markers) loss per run against step, and validation loss against time."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (label, run) in enumerate(runs.items()):
         color, val = f"C{i % 10}", run["val"]
-        if run["train"] and not sweep_axis:  # many runs: validation only, the train curves would hide them
-            ax1.plot([p["step"] for p in run["train"]], [p["loss"] for p in run["train"]], color=color, alpha=0.25,
-                     lw=0.7)
+        ax1.plot([p["step"] for p in run["train"]], [p["loss"] for p in run["train"]], color=color, alpha=0.25, lw=0.7)
         if val:
             ax1.plot([p["step"] for p in val], [p["loss"] for p in val], "o-", color=color, ms=3,
                      label=f"{label} (val {val[-1]['loss']:.3f})")
-        if val and not sweep_axis:
             ax2.plot([p["time"] for p in val], [p["loss"] for p in val], "o-", color=color, ms=3, label=label)
     vals = [p["loss"] for r in runs.values() for p in r["val"] if math.isfinite(p["loss"])]
     if vals:  # zoom on the interesting part: the first eval (ln vocab) dwarfs the rest
         lo, hi = min(vals), sorted(vals)[len(vals) // 2]
         ax1.set_ylim(lo - 0.1 * (hi - lo) - 0.05, hi + 0.6 * (hi - lo) + 0.1)
-        if not sweep_axis:
-            ax2.set_ylim(*ax1.get_ylim())
-    ax1.set(xlabel="step", ylabel="loss", title=f"{title}: " + ("validation loss" if sweep_axis else
-                                                                  "train (thin) and validation loss"))
-    if sweep_axis:
-        name, series = sweep_axis
-        for group, points in series.items():
-            ax2.plot(*zip(*points), "o-", label=group)
-        ax2.set_xscale("log" if name == "learning rate" else "linear")
-        ax2.set(xlabel=name, ylabel="final validation loss", title=f"final validation loss vs {name}")
-    else:
-        ax2.set(xlabel="training time (s, excluding eval)", ylabel="validation loss", title="validation loss vs time")
+        ax2.set_ylim(*ax1.get_ylim())
+    ax1.set(xlabel="step", ylabel="loss", title=f"{title}: train (thin) and validation loss")
+    ax2.set(xlabel="training time (s, excluding eval)", ylabel="validation loss", title="validation loss vs time")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -813,96 +768,17 @@ def plot_losses(runs, path, title, sweep_axis=None):
     plt.close(fig)
 
 
-SWEEP_AXES = dict(lr="learning rate", proj_every="proj_every",
-                  update="update (0 project, 1 geodesic, 2 geodesic_scaled)",
-                  toggles="toggle (0 NS5, 1 PE, 2 NorMuon, 3 wd, 4 cautious wd)")
-
-
-def sweep_settings(name, cfg):
-    """[(group, label, x, overrides)] for the built-in sweeps, for each optimizer in sweep_optimizers;
-    every run starts from the same init (seed) and sees the same batches."""
-    out = []
-    for o in parse_list(cfg["sweep_optimizers"], str, "sweep_optimizers"):
-        if name == "lr":  # lr_muon or lr_adam
-            out += [(o, f"{o} lr={v:g}", v, {"optimizer": o, f"lr_{o}": v})
-                    for v in parse_list(cfg[f"sweep_lrs_{o}"], float, f"sweep_lrs_{o}")]
-        elif name == "proj_every":
-            out += [(o, f"{o} proj_every={k}", k, dict(optimizer=o, sphere="project", proj_every=k))
-                    for k in parse_list(cfg["sweep_proj_every"], int, "sweep_proj_every")]
-        elif name == "update":
-            out += [(o, f"{o} {m}", i, dict(optimizer=o, sphere=m, proj_every=1))
-                    for i, m in enumerate(("project", "geodesic", "geodesic_scaled"))]
-        elif o == "muon":  # toggles: which modded-nanogpt additions carry over to Muon on the sphere
-            wd = cfg["weight_decay_muon"] or 0.1
-            toggles = [("NS5 (baseline)", {}), ("polar_express", dict(ns_method="polar_express")),
-                       ("normuon", dict(normuon=0.95)), (f"wd={wd:g}", dict(weight_decay_muon=wd, cautious_wd=False)),
-                       (f"cautious wd={wd:g}", dict(weight_decay_muon=wd, cautious_wd=True))]
-            plain = dict(optimizer="muon", ns_method="newton_schulz", normuon=0.0, weight_decay_muon=0.0,
-                         cautious_wd=False)
-            out += [(o, f"muon {t}", i, dict(plain, **extra)) for i, (t, extra) in enumerate(toggles)]
-    return out
-
-
-def find_finished_run(root, identity):
-    """The metrics of a finished run in any sweep under root with this run identity (settings, code and
-    data): an interrupted sweep continues where it stopped, and sweeps share runs (proj_every=1 at the
-    best lr is the lr sweep's run)."""
-    for path in sorted(glob.glob(os.path.join(root, "sweep_*", "*", "metrics.json"))):
-        with open(path) as f:
-            m = json.load(f)
-        if m.get("finished") and identity_diff(m.get("identity", {}), identity) == []:
-            return m
-    return None
-
-
-def run_sweep(cfg):
-    """Check every run's settings, then train each (reusing finished runs, see find_finished_run), write
-    results.json and a PNG, and print the best setting per optimizer."""
-    check_config(cfg)
-    name, root = cfg["sweep"], os.path.join(cfg["out_dir"], f"sweep_{cfg['sweep']}")
-    plan = []
-    for group, label, x, overrides in sweep_settings(name, cfg):
-        run_cfg = dict(cfg, **overrides, sweep="", resume=False, save_checkpoint=False, stop_after_steps=0,
-                       out_dir=os.path.join(root, label.replace(" ", "_").replace("=", "")),
-                       wandb_run_name=f"{cfg['wandb_run_name'] or 'ngpt'} sweep_{name} {label}")
-        try:
-            check_config(run_cfg)
-        except SystemExit as e:
-            raise SystemExit(f"{e.code} (sweep run {label!r})") from None
-        plan.append((group, label, x, overrides, run_cfg))
-    data_hash = data_fingerprint(data_files(cfg))
-    runs, results, best, series = {}, [], {}, {}
-    for group, label, x, overrides, run_cfg in plan:
-        m = find_finished_run(cfg["out_dir"], run_identity_of(run_cfg, data_hash))
-        if m is None:
-            m = train(run_cfg)
-        else:
-            print(f"{label}: reusing the finished run in {m['config']['out_dir']} (the same run identity)")
-        r = runs[label] = m["runs"][run_label(run_cfg)]
-        results.append(dict(group=group, label=label, x=x, overrides=overrides, final_val_loss=r["final_val_loss"],
-                            best_val_loss=r["best_val_loss"], diverged=r["diverged"], train_time=r["train_time"],
-                            val=r["val"]))
-        print(f"{label:>28}: final val {r['final_val_loss']:.4f}, {r['train_time']:.0f} s"
-              + ("  (diverged)" if r["diverged"] else ""))
-        series.setdefault(group, []).append((x, r["final_val_loss"]))
-        best_so_far = best.get(group, dict(final_val_loss=math.inf))["final_val_loss"]
-        if math.isfinite(r["final_val_loss"]) and r["final_val_loss"] < best_so_far:
-            best[group] = results[-1]
-    for group, r in best.items():
-        print(f"best {group}: {r['label']} -> val loss {r['final_val_loss']:.4f}")
-    atomic_write_json(dict(sweep=name, config=cfg, source_hash=SOURCE_HASH, data_hash=data_hash, runs=results,
-                           best={g: dict(label=r["label"], overrides=r["overrides"], final_val_loss=r["final_val_loss"])
-                                 for g, r in best.items()}), os.path.join(root, "results.json"))
-    plot_losses(runs, os.path.join(root, f"sweep_{name}.png"), f"nGPT sweep {name}", (SWEEP_AXES[name], series))
-    print(f"wrote {root}/results.json and {root}/sweep_{name}.png")
-    return results, best
-
-
 def main(argv):
-    """python train_ngpt.py [--name=value ...]: one run, or a sweep with --sweep=..."""
+    """python train_ngpt.py [--name=value ...]: one run (the sweeps: study_ngpt.py)."""
+    for arg in argv:
+        if arg.startswith(("--sweep=", "--sweep_")):  # the settings of the sweeps this script used to run
+            raise SystemExit(f"error: {arg}: the sweeps are in study_ngpt.py; run python study_ngpt.py {arg} "
+                             "with the same train_ngpt.py flags")
     cfg = parse_overrides(argv, CONFIG)
-    if cfg["sweep"]:
-        return run_sweep(cfg)
+    if cfg["dry_run"]:  # what study_ngpt.py plans with: the settings checked and the identity, shards unread
+        check_config(cfg)
+        print(json.dumps(dict(identity=run_identity_of(cfg, None), data_files=data_files(cfg))))
+        return
     r = train(cfg)["runs"][run_label(cfg)]
     if r.get("final_val_loss") is not None:
         print(f"final val loss {r['final_val_loss']:.4f} after {r['train'][-1]['step']} steps "

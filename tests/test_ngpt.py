@@ -2,7 +2,6 @@
 Everything runs on tiny models and shards written here."""
 import glob
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -262,9 +261,9 @@ def test_bad_inputs_fail_clearly(tmp_path, shards):
         train_ngpt.parse_overrides(["--lr_muon=fast"], defaults())
     with pytest.raises(SystemExit, match="--resume=1: expected True or False"):
         train_ngpt.parse_overrides(["--resume=1"], defaults())
-    cfg = train_ngpt.parse_overrides(["--lr_muon=1", "--sphere=geodesic", "--sweep_proj_every=1,5", "--resume=True",
+    cfg = train_ngpt.parse_overrides(["--lr_muon=1", "--sphere=geodesic", "--betas_adam=0.9,0.99", "--resume=True",
                                       "--compile=False", "--cautious_wd=True", "--save_checkpoint=False"], defaults())
-    assert cfg["lr_muon"] == 1.0 and cfg["sphere"] == "geodesic" and cfg["sweep_proj_every"] == "1,5"
+    assert cfg["lr_muon"] == 1.0 and cfg["sphere"] == "geodesic" and cfg["betas_adam"] == "0.9,0.99"
     assert cfg["resume"] is True and cfg["compile"] is False and cfg["cautious_wd"] is True
     assert cfg["save_checkpoint"] is False
     with pytest.raises(SystemExit, match="raise --vocab_size"):
@@ -277,6 +276,16 @@ def test_bad_inputs_fail_clearly(tmp_path, shards):
     (tmp_path / "toy_train_000002.bin").write_bytes((tmp_path / "toy_train_000002.bin").read_bytes()[:-2])
     with pytest.raises(SystemExit, match="toy_train_000002.bin.*truncated, rewrite it"):  # checked before training
         train_ngpt.train(tiny_cfg(shards, tmp_path / "x"), progress=False)
+
+
+def test_a_train_shard_shorter_than_a_batch_stops_before_training(tmp_path, monkeypatch):
+    """Every train shard is checked, not only the first: a short later one used to fail mid-run."""
+    monkeypatch.setattr(train_ngpt, "make_optimizer", lambda *a: pytest.fail("built an optimizer"))
+    write_shard(tmp_path / "toy_val_000000.bin", np.arange(500))
+    write_shard(tmp_path / "toy_train_000001.bin", np.arange(100))
+    write_shard(tmp_path / "toy_train_000002.bin", np.arange(10))
+    with pytest.raises(SystemExit, match=r"toy_train_000002.bin has 10 tokens, fewer than one batch \(65\)"):
+        train_ngpt.train(tiny_cfg(str(tmp_path), tmp_path / "out"), progress=False)
 
 
 def test_missing_shards_is_a_message_naming_data_dir_and_prepare_fineweb(tmp_path):
@@ -308,41 +317,29 @@ def test_resume_from_a_bad_checkpoint_says_what_is_wrong(shards, tmp_path):
         train_ngpt.train(dict(cfg, resume=True), progress=False)
 
 
-def test_sweep_writes_results_and_plot(shards, tmp_path):
-    cfg = tiny_cfg(shards, tmp_path, sweep="update", max_steps=4, eval_every=2)
-    assert len(train_ngpt.sweep_settings("lr", cfg)) == 6 + 6
-    assert len(train_ngpt.sweep_settings("proj_every", cfg)) == 14
-    assert len(train_ngpt.sweep_settings("toggles", cfg)) == 5
-    cfg["sweep_optimizers"] = "muon"
-    results, best = train_ngpt.run_sweep(cfg)
-    assert [r["label"] for r in results] == ["muon project", "muon geodesic", "muon geodesic_scaled"]
-    assert all(math.isfinite(r["final_val_loss"]) for r in results)
-    assert best["muon"]["final_val_loss"] == min(r["final_val_loss"] for r in results)
-    assert os.path.exists(tmp_path / "sweep_update" / "results.json")
-    assert os.path.exists(tmp_path / "sweep_update" / "sweep_update.png")
-
-
-def test_sweep_reuses_a_run_only_with_the_same_settings_and_code(shards, tmp_path, monkeypatch):
-    """Edit-and-rerun never lies: a finished sweep run is reused only while every setting that can
-    change it and the source_hash of the code (this trainer and muon_optim.py) are the same."""
+def test_dry_run_checks_and_prints_the_identity_the_run_records(shards, tmp_path, capsys):
+    """study_ngpt.py plans with --dry_run=True: it trains nothing, writes nothing, and prints the identity the
+    run then records (its data hash left to the caller) and the shards the run reads."""
     assert [os.path.basename(f) for f in train_ngpt.SOURCE_FILES] == ["train_ngpt.py", "muon_optim.py"]
     assert train_ngpt.SOURCE_HASH == train_ngpt.source_hash(*train_ngpt.SOURCE_FILES)
-    cfg = tiny_cfg(shards, tmp_path, sweep="lr", sweep_optimizers="muon", sweep_lrs_muon="0.02,0.05", max_steps=2)
-    trained = []
-    real_train = train_ngpt.train
-    monkeypatch.setattr(train_ngpt, "train",
-                        lambda c, progress=True: trained.append(c["lr_muon"]) or real_train(c, progress=False))
-    train_ngpt.run_sweep(cfg)
-    assert trained == [0.02, 0.05]
-    with open(tmp_path / "sweep_lr" / "muon_lr0.02" / "metrics.json") as f:
-        assert json.load(f)["identity"]["source_hash"] == train_ngpt.SOURCE_HASH
-    train_ngpt.run_sweep(dict(cfg, lr_adam=0.1, threads=1, compile=False))  # the Adam baseline's lr, how it runs
-    assert trained == [0.02, 0.05]  # all reused
-    train_ngpt.run_sweep(dict(cfg, eps_adam=1e-6))  # any setting of the run, not a hand-picked list
-    assert trained == [0.02, 0.05] * 2
-    monkeypatch.setattr(train_ngpt, "SOURCE_HASH", "edited00code0000")  # what editing a hashed file does
-    train_ngpt.run_sweep(cfg)
-    assert trained == [0.02, 0.05] * 3
+    cfg = tiny_cfg(shards, tmp_path / "run", max_steps=2, optimizer="adam")
+    argv = [f"--{k}={v}" for k, v in cfg.items() if v != train_ngpt.CONFIG[k]]
+    train_ngpt.main(argv + ["--dry_run=True"])
+    plan = json.loads(capsys.readouterr().out)
+    assert not os.path.exists(tmp_path / "run")
+    files = sorted(glob.glob(os.path.join(shards, "toy_train_*.bin"))) + [os.path.join(shards, "toy_val_000000.bin")]
+    assert plan["data_files"] == files and plan["identity"]["data_hash"] is None
+    recorded = train_ngpt.train(cfg, progress=False)["identity"]
+    assert recorded == dict(plan["identity"], data_hash=train_ngpt.data_fingerprint(files))
+    assert "lr_adam" in recorded and "lr_muon" not in recorded and "dry_run" not in recorded
+    with pytest.raises(SystemExit, match=r"error: --eval_every=0: must be >= 1"):
+        train_ngpt.main(argv + ["--dry_run=True", "--eval_every=0"])
+
+
+def test_the_sweeps_moved_to_study_ngpt(tmp_path):
+    for arg in ("--sweep=lr", "--sweep_lrs_muon=0.01,0.02"):
+        with pytest.raises(SystemExit, match=f"error: {arg}: the sweeps are in study_ngpt.py"):
+            train_ngpt.main([f"--out_dir={tmp_path}", arg])
 
 
 def test_wandb_logs_what_metrics_json_holds(shards, tmp_path, monkeypatch):
@@ -370,24 +367,6 @@ def rewrite_shards(data_dir, seed):
     for path in glob.glob(os.path.join(data_dir, "toy_*.bin")):
         n = len(train_ngpt.read_shard(path))
         write_shard(path, rng.integers(0, 50257, size=n))
-
-
-def test_sweep_retrains_after_the_shards_or_the_compute_dtype_change(shards, tmp_path, monkeypatch):
-    cfg = tiny_cfg(shards, tmp_path / "out", sweep="lr", sweep_optimizers="muon", sweep_lrs_muon="0.02", max_steps=2)
-    trained, real_train = [], train_ngpt.train
-    monkeypatch.setattr(train_ngpt, "train", lambda c, progress=True: trained.append(1) or real_train(c, False))
-    train_ngpt.run_sweep(cfg)
-    train_ngpt.run_sweep(cfg)
-    assert len(trained) == 1  # the same command, code and data: reused
-    rewrite_shards(shards, seed=1)
-    train_ngpt.run_sweep(cfg)
-    assert len(trained) == 2  # same paths, other tokens: retrained
-    with open(tmp_path / "out" / "sweep_lr" / "muon_lr0.02" / "metrics.json") as f:
-        assert json.load(f)["identity"]["data_hash"] == train_ngpt.data_fingerprint(
-            sorted(glob.glob(os.path.join(shards, "toy_train_*.bin"))) + [os.path.join(shards, "toy_val_000000.bin")])
-    monkeypatch.setattr(train_ngpt.muon_optim, "compute_dtype_rule", lambda device: "torch.bfloat16")
-    train_ngpt.run_sweep(cfg)
-    assert len(trained) == 3  # muon_optim would compute in another dtype: retrained
 
 
 def stopped_run(shards, out_dir, **overrides):
@@ -463,8 +442,7 @@ BAD_SETTINGS = [("eval_every", "0"), ("batch_size", "0"), ("grad_accum_steps", "
                 ("stop_after_steps", "-2"), ("threads", "-1"), ("n_head", "3"), ("n_embd", "30"),
                 ("mlp_ratio", "0"), ("cooldown_frac", "1.5"), ("lr_muon", "-0.1"), ("momentum_muon", "1"),
                 ("normuon", "1"), ("eps_adam", "0"), ("vocab_size", "0"), ("optimizer", "sgd"),
-                ("sphere", "flat"), ("ns_method", "newton"), ("sweep", "lrs"), ("sweep_optimizers", "sgd"),
-                ("device", "gpu"), ("device", "mps")]
+                ("sphere", "flat"), ("ns_method", "newton"), ("device", "gpu"), ("device", "mps")]
 
 
 @pytest.mark.parametrize("name,value", BAD_SETTINGS)
@@ -478,15 +456,6 @@ def test_bad_settings_stop_before_the_first_step_naming_setting_and_value(shards
         train_ngpt.main(argv + [f"--{name}={value}"])
     msg = str(e.value.code)
     assert msg.startswith("error: --") and f"--{name}={value}" in msg and "\n" not in msg, msg
-
-
-def test_a_sweep_checks_every_run_before_training_the_first(shards, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_ngpt, "train", lambda *a, **k: pytest.fail("trained before checking every run"))
-    cfg = tiny_cfg(shards, tmp_path, sweep="proj_every", sweep_optimizers="muon", sweep_proj_every="1,0")
-    with pytest.raises(SystemExit, match=r"error: --proj_every=0: must be >= 1 \(sweep run 'muon proj_every=0'\)"):
-        train_ngpt.run_sweep(cfg)
-    with pytest.raises(SystemExit, match=r"error: --eval_every=0"):
-        train_ngpt.run_sweep(dict(cfg, sweep_proj_every="1", eval_every=0))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
