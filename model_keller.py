@@ -9,6 +9,9 @@ Differences from GPT-2 / nanoGPT, each from the modded-nanogpt speedrun:
   - QK-norm: queries and keys are RMS-normalized per head before attention (stable logits, high lr)
   - ReLU^2 MLP (4x) instead of GELU
   - no biases anywhere, untied output head
+  - separate q, k, v matrices (Muon orthogonalizes each on its own); GPTConfig(fused_qkv=True) makes one
+    (3*n_embd, n_embd) weight `qkv` per block instead, rows q | k | v as in GPT-2's c_attn, initialized
+    block by block so that the same seed gives the same weights (muon_optim's split=3 takes it apart)
   - residual projections (attention c_proj, MLP c_proj) and the head are zero-initialized.
     Why zero rather than GPT-2's N(0, 0.02/sqrt(2*n_layer)): every block then starts as the identity, so
     the initial residual stream and loss (exactly ln(vocab)) do not depend on depth, and there is no
@@ -33,6 +36,7 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 6
     n_embd: int = 768  # head_dim = n_embd / n_head = 128
+    fused_qkv: bool = False  # one (3*n_embd, n_embd) weight qkv per block instead of c_q, c_k, c_v
 
 
 def norm(x):
@@ -65,19 +69,21 @@ class CausalSelfAttention(nn.Module):
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
-        # separate q, k, v matrices: Muon orthogonalizes each on its own (one fused qkv matrix would
-        # mix three different roles in one polar factor)
-        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.c_k = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        if config.fused_qkv:  # one matrix, rows q | k | v: Muon on it as a whole mixes three roles in one
+            self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # polar factor unless split
+            self.qkv.fused_blocks = 3
+        else:  # separate q, k, v matrices: Muon orthogonalizes each on its own
+            self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=False)
+            self.c_k = nn.Linear(config.n_embd, config.n_embd, bias=False)
+            self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_proj.is_residual_projection = True
         self.rotary = Rotary(self.head_dim, config.block_size)
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = (lin(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-                   for lin in (self.c_q, self.c_k, self.c_v))
+        qkv = self.qkv(x).split(C, dim=-1) if hasattr(self, "qkv") else (self.c_q(x), self.c_k(x), self.c_v(x))
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in qkv)
         q, k = self.rotary(norm(q)), self.rotary(norm(k))  # QK-norm, then rotate
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
@@ -138,7 +144,8 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.weight)  # block starts as the identity (see module docstring)
             else:  # std 0.5/sqrt(fan_in), uniform, as in modded-nanogpt: unit-RMS inputs -> O(0.5) outputs
                 bound = math.sqrt(3) * 0.5 / math.sqrt(module.in_features)
-                nn.init.uniform_(module.weight, -bound, bound)
+                for block in module.weight.data.chunk(getattr(module, "fused_blocks", 1)):  # fused: q, k, v in turn
+                    nn.init.uniform_(block, -bound, bound)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=1.0)  # scale is irrelevant to the forward (normed right after)
         if module is getattr(self, "lm_head", None):

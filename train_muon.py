@@ -1,27 +1,16 @@
 """
-train_muon.py -- train a GPT (model_keller.py) on token shards with Muon, and compare it with AdamW.
+train_muon.py -- train a GPT (model_keller.py) on token shards with Muon or AdamW. Guide: results/lm.md.
 
     python prepare_fineweb.py                                    # FineWeb-Edu shards -> data/fineweb_edu
-    python train_muon.py                                         # 1 GPU, 124M model, Muon
     python train_muon.py --optimizers=muon,adamw                 # both, same init, same batches, one plot
     torchrun --standalone --nproc_per_node=8 train_muon.py       # 8 GPUs, DDP (NCCL); on CPU it uses gloo
     torchrun --standalone --nproc_per_node=8 train_muon.py --fsdp=True   # FSDP2: models that don't fit one GPU
-    python train_muon.py --resume=True                           # continue from out_dir/ckpt/
+    python train_muon.py --resume=True                           # continue from out_dir/ckpt/ (same run identity)
     python train_muon.py --help                                  # every setting with its default
 
-Every constant below can be overridden as --name=value (flags are True/False, lists comma-separated).
-`optimizers` is a comma list of "muon" and "adamw", each optionally with a learning rate, e.g.
-"muon:0.03,adamw:2e-3" (muon:LR sets lr_muon; its Adam groups keep lr_head/lr_embed/lr_scalar). The runs
-train one after another, each from the same initial weights on the same batches in the same order.
-stop_after_steps=N trains at most N steps in this invocation (all runs together), then checkpoints and
-exits: a job script that reruns the same command with --resume=True advances N steps per job.
-
-A run's identity: its settings, the compute dtype muon_optim picks, the code hash and the data fingerprint.
---resume=True continues only a checkpoint of the same identity (the RESUMABLE settings may differ).
-Outputs in out_dir: metrics.json (per run its identity, status "finished", "stopped" or "diverged", every
-train and eval point), loss.png, ckpt/<run>.pt (model, optimizer, step, data position, RNG state, vocab
-table, identity; atomic) or, with --fsdp=True, a torch.distributed.checkpoint directory ckpt/<run>/.
-Exit status: 0; 3 if a run diverged; 130 / 143 after Ctrl-C / SIGTERM (the run checkpointed first).
+Outputs in out_dir: metrics.json (per run its identity, status finished / stopped / diverged, every train and
+eval point), loss.png, ckpt/<run>.pt (ckpt/<run>/ with --fsdp=True). Exit status: 0; 3 if a run diverged;
+130 / 143 after Ctrl-C / SIGTERM (the run checkpointed first).
 """
 import glob
 import hashlib
@@ -50,20 +39,19 @@ from muon_optim import ORTHOGONALIZERS, Muon, compute_dtype_rule
 data_dir = "data/fineweb_edu"
 train_files = "fineweb_train_*.bin"
 val_files = "fineweb_val_*.bin"
-vocab_top = 0  # 0: tokens as they are; N: keep the N-1 most frequent train tokens, map the rest to id N-1 and
-# set vocab_size=N (a CPU-recipe shortcut, as in train_ngpt.py: in a tiny model the 50k-way head is most of the step)
+vocab_top = 0  # 0: tokens as they are; N: the N-1 most frequent train tokens, the rest -> id N-1; vocab_size=N
 # model (GPT-2 small class, 124M)
 vocab_size = 50304
 block_size = 1024
 n_layer = 12
 n_head = 6
 n_embd = 768
-# batch: batch_size x block_size tokens per micro-step, grad_accum_steps micro-steps per step in total
-# (divided among ranks): 8 x 1024 x 8 = 65,536 tokens per step; fits a 16 GB GPU
+fused_qkv = False  # one (3*n_embd, n_embd) weight qkv per block instead of separate q, k, v
+# batch: batch_size x block_size tokens per micro-step, grad_accum_steps micro-steps per step (divided among ranks)
 batch_size = 8
 grad_accum_steps = 8
 # optimizers and schedule
-optimizers = "muon"  # comma list of muon / adamw, each optionally :lr
+optimizers = "muon"  # comma list of muon / adamw, each optionally :lr (the hidden matrices' lr)
 max_steps = 6000
 warmup_steps = 100  # linear warmup ...
 cooldown_frac = 0.4  # ... constant, then linear cooldown to min_lr_frac over the last 40% (WSD)
@@ -71,19 +59,21 @@ min_lr_frac = 0.0
 lr_muon = 0.05  # the Muon run: Muon on the hidden matrices ...
 momentum_muon = 0.95
 momentum_muon_warmup = 300  # Muon momentum 0.85 -> momentum_muon over the first steps
-weight_decay_muon = 0.0  # decoupled, on the hidden matrices (p -= lr * wd * p); 0 = the README's measured runs
+weight_decay_muon = 0.0  # decoupled, on the hidden matrices (p -= lr * wd * p)
 ns_method = "newton_schulz"  # or polar_express, gram_newton_schulz (muon_optim.ORTHOGONALIZERS)
 normuon = 0.0  # > 0: NorMuon's per-neuron normalization with this beta2 (e.g. 0.95); 0.0 = off
 cautious_wd = False  # decay only where the update and the weight agree in sign
-lr_head = 0.008  # ... and Adam on the head, the embedding and < 2D parameters (no weight decay)
+muon_split = "none"  # with fused_qkv: none (qkv is one matrix) | qkv (split=3) | heads (split=3*n_head)
+lr_adamw = 1.5e-3  # the AdamW run: AdamW on the hidden matrices ...
+betas_adamw = "0.9,0.95"
+eps_adamw = 1e-8
+weight_decay = 0.1  # decoupled, on the AdamW run's hidden matrices
+adamw_groups = "per_group"  # per_group: both runs use the Adam groups below; one_lr: AdamW at lr_adamw on all
+lr_head = 0.008  # ... and in both runs Adam on the head, the embedding and < 2D parameters (no weight decay)
 lr_embed = 0.6
 lr_scalar = 0.04
 betas_adam = "0.8,0.95"
 eps_adam = 1e-10
-lr_adamw = 1.5e-3  # the AdamW baseline, weight decay on matrices only
-betas_adamw = "0.9,0.95"
-eps_adamw = 1e-8
-weight_decay = 0.1
 grad_clip = 0.0  # clip the global grad norm (0 = off)
 # evaluation, logging, checkpoints
 eval_every = 250  # steps between evaluations of the val loss (and at the end)
@@ -91,7 +81,7 @@ eval_tokens = 10 * 65536  # a fixed slice from the start of the val shard
 log_every = 10  # steps between printed train losses (every step goes to metrics.json)
 ckpt_every = 1000  # 0 = only at the end, on Ctrl-C and at stop_after_steps
 save_checkpoint = True  # False: write no checkpoints (then --resume has nothing to continue)
-stop_after_steps = 0  # > 0: train at most this many steps in this invocation, checkpoint, exit (job time limits)
+stop_after_steps = 0  # > 0: train at most this many steps in this invocation (all runs), checkpoint, exit
 resume = False  # continue each run from its checkpoint in out_dir/ckpt/ of the same identity (finished: kept)
 out_dir = "out/muon"
 wandb_log = False  # True: also log the metrics of metrics.json to Weights & Biases (one wandb run per run)
@@ -108,8 +98,7 @@ CONFIG = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and 
 
 SCRIPT = "train_muon.py"
 CODE_FILES = ("train_muon.py", "model_keller.py", "muon_optim.py")  # what a run's code hash covers
-# settings that may differ between a checkpoint and the run that resumes it (they do not change what is learned;
-# data_dir: the data's content is in the identity); any other difference is another run, refused
+# settings a resumed run may change (they do not change what is learned; the data's content is in the identity)
 RESUMABLE = ("resume", "stop_after_steps", "eval_every", "log_every", "ckpt_every", "save_checkpoint", "out_dir",
              "data_dir", "threads", "wandb_log", "wandb_project", "wandb_run_name")
 
@@ -271,36 +260,37 @@ def read_shard(path):
 # -----------------------------------------------------------------------------
 # Settings, checked before anything trains, and a run's identity
 
-POSITIVE = ("max_steps", "batch_size", "grad_accum_steps", "block_size", "n_layer", "n_head", "n_embd", "vocab_size",
-            "eval_every", "log_every", "eval_tokens", "lr_muon", "lr_head", "lr_embed", "lr_scalar", "lr_adamw",
-            "eps_adam", "eps_adamw")
-NON_NEGATIVE = ("warmup_steps", "momentum_muon_warmup", "weight_decay", "weight_decay_muon", "grad_clip", "ckpt_every",
-                "stop_after_steps", "threads")
+# (settings, test of the value (value, all settings), what to do): check_settings stops at the first failing row
+CHECKS = (
+    (("max_steps", "batch_size", "grad_accum_steps", "block_size", "n_layer", "n_head", "n_embd", "vocab_size",
+      "eval_every", "log_every", "eval_tokens", "lr_muon", "lr_head", "lr_embed", "lr_scalar", "lr_adamw", "eps_adam",
+      "eps_adamw"), lambda v, c: v > 0, "must be > 0"),
+    (("warmup_steps", "momentum_muon_warmup", "weight_decay", "weight_decay_muon", "grad_clip", "ckpt_every",
+      "stop_after_steps", "threads"), lambda v, c: v >= 0, "must be >= 0"),
+    (("cooldown_frac", "min_lr_frac"), lambda v, c: 0 <= v <= 1, "must be in [0, 1]"),
+    (("momentum_muon", "normuon"), lambda v, c: 0 <= v <= 0.999, "must be in [0, 0.999]"),
+    (("n_head",), lambda v, c: c["n_embd"] % v == 0, "must divide n_embd={n_embd} (the head size is n_embd / n_head)"),
+    (("n_embd",), lambda v, c: v // c["n_head"] % 2 == 0,
+     "n_embd / n_head must be even (rotary rotates channel pairs; n_head={n_head})"),
+    (("vocab_top",), lambda v, c: v == 0 or 2 <= v <= 65536, "use 0 (all tokens) or a size in 2..65536"),
+    (("ns_method",), lambda v, c: v in ORTHOGONALIZERS, f"use one of {', '.join(ORTHOGONALIZERS)}"),
+    (("adamw_groups",), lambda v, c: v in ("per_group", "one_lr"), "use per_group or one_lr"),
+    (("muon_split",), lambda v, c: v in ("none", "qkv", "heads"), "use none, qkv or heads"),
+    (("muon_split",), lambda v, c: v == "none" or c["fused_qkv"],
+     "splits the fused qkv weight: set --fused_qkv=True too (separate q, k, v are orthogonalized apart already)"),
+    (("grad_accum_steps",), lambda v, c: v % int(os.environ.get("WORLD_SIZE", 1)) == 0,
+     "must be divisible by the number of processes (WORLD_SIZE, set by torchrun)"),
+    (("device",), lambda v, c: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "use auto, cpu or cuda"),
+    (("device",), lambda v, c: v in ("auto", "cpu") or torch.cuda.is_available(),
+     "no CUDA device on this machine; use --device=cpu (or auto)"),
+)
 
 
 def check_settings(cfg):
     """Stop with one line (the setting, its bad value, the fix) before anything trains; returns the runs."""
-    def bad(key, fix):
-        raise SystemExit(f"--{key}={cfg[key]}: {fix}")
-    for key in (k for k in POSITIVE if not cfg[k] > 0):
-        bad(key, "must be > 0")
-    for key in (k for k in NON_NEGATIVE if cfg[k] < 0):
-        bad(key, "must be >= 0")
-    for key, top in (("cooldown_frac", 1.0), ("min_lr_frac", 1.0), ("momentum_muon", 0.999), ("normuon", 0.999)):
-        if not 0 <= cfg[key] <= top:
-            bad(key, f"must be in [0, {top}]")
-    if cfg["n_embd"] % cfg["n_head"]:
-        bad("n_head", f"must divide n_embd={cfg['n_embd']} (the head size is n_embd / n_head)")
-    if cfg["n_embd"] // cfg["n_head"] % 2:
-        bad("n_embd", f"n_embd / n_head = {cfg['n_embd'] // cfg['n_head']} must be even (rotary rotates channel pairs)")
-    if cfg["vocab_top"] and not 2 <= cfg["vocab_top"] <= 65536:
-        bad("vocab_top", "use 0 (all tokens) or a size in 2..65536")
-    if cfg["ns_method"] not in ORTHOGONALIZERS:
-        bad("ns_method", f"use one of {', '.join(ORTHOGONALIZERS)}")
-    if cfg["device"] not in ("auto", "cpu", "cuda") and not cfg["device"].startswith("cuda:"):
-        bad("device", "use auto, cpu or cuda")
-    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
-        bad("device", "no CUDA device on this machine; use --device=cpu (or auto)")
+    for keys, ok, fix in CHECKS:
+        for key in (k for k in keys if not ok(cfg[k], cfg)):
+            raise SystemExit(f"--{key}={cfg[key]}: {fix.format(**cfg)}")
     parse_betas(cfg["betas_adam"], "betas_adam"), parse_betas(cfg["betas_adamw"], "betas_adamw")
     return parse_optimizers(cfg["optimizers"])
 
@@ -326,7 +316,7 @@ def parse_optimizers(spec):
 
 
 def parse_betas(text, key):
-    """'0.9,0.95' -> (0.9, 0.95): lists are comma-separated strings on the command line."""
+    """'0.9,0.95' -> (0.9, 0.95), each in [0, 1)."""
     try:
         b1, b2 = (float(x) for x in text.split(","))
     except ValueError:
@@ -378,11 +368,9 @@ def build_vocab_map(shards, top):
 
 
 class DataLoader:
-    """The (x, y) micro-batches of one optimizer step, read in order from the shards. A step covers
-    world * accum windows of B*T tokens (+1: y is x shifted by one); micro-step i of rank r reads window
-    i * world + r, so ranks read disjoint data and every (world, accum) with the same product reads the
-    same tokens per step. A step that does not fit in the rest of a shard starts at the next shard
-    (wrapping around). The position is two integers (shard, pos): a resumed run reads the very next batch."""
+    """The (x, y) micro-batches of one step, read in order. Micro-step i of rank r reads window i * world + r of
+    B*T (+1) tokens, so ranks read disjoint data and (world, accum) pairs of one product read the same step. A step
+    that does not fit the rest of a shard starts the next (wrapping); (shard, pos) is the position to resume."""
 
     def __init__(self, files, B, T, rank=0, world=1, accum=1, vocab_map=None):
         self.shards, self.vocab_map = [read_shard(f) for f in files], vocab_map
@@ -410,8 +398,8 @@ class DataLoader:
 
 
 def load_data(cfg, files, val_file, world, vocab_map=None):
-    """(vocab table or None, val tokens), checked so that the first errors a user meets say what is wrong and
-    how to fix it. A resumed run passes its checkpoint's vocab table (same data, same table: not recounted)."""
+    """(vocab table or None, val tokens), checked so that the first errors say what is wrong and how to fix it.
+    A resumed run passes its checkpoint's vocab table (same data, same table: not recounted)."""
     try:
         DataLoader(files, cfg["batch_size"], cfg["block_size"], 0, world, cfg["grad_accum_steps"] // world)
         if cfg["vocab_top"] and vocab_map is None:
@@ -444,8 +432,7 @@ def lr_multiplier(step, max_steps, warmup_steps, cooldown_frac, min_lr_frac=0.0)
 
 
 def muon_momentum_at(step, warmup, final=0.95, start=0.85):
-    """Muon's momentum rises linearly from `start` to `final` over the first `warmup` steps (modded-nanogpt):
-    less momentum early, while the gradient direction changes fast."""
+    """Muon's momentum rises linearly from `start` to `final` over the first `warmup` steps (modded-nanogpt)."""
     return final if warmup <= 0 else start + (final - start) * min(step / warmup, 1.0)
 
 
@@ -453,31 +440,38 @@ def muon_momentum_at(step, warmup, final=0.95, start=0.85):
 # Model, optimizer, distributed setup
 
 def make_optimizer(name, model, cfg, lr=None):
-    """'muon': Muon on the hidden matrices (>= 2D weights inside the blocks), Adam on the head, the
-    embedding and any < 2D parameter, one muon_optim.Muon with use_muon groups (as in KellerJordan/Muon's
-    README). 'adamw': the baseline, AdamW on everything, weight decay on matrices only. `lr` overrides
-    the run's main lr (lr_muon or lr_adamw): --optimizers=muon:0.03."""
-    if name == "adamw":
-        matrices, others = [p for p in model.parameters() if p.ndim >= 2], [p for p in model.parameters() if p.ndim < 2]
-        groups = [dict(params=matrices, weight_decay=cfg["weight_decay"]), dict(params=others, weight_decay=0.0)]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr or cfg["lr_adamw"], eps=cfg["eps_adamw"],
-                                 betas=parse_betas(cfg["betas_adamw"], "betas_adamw"))
-    hidden = [p for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim >= 2]
+    """Both runs give the head, the embedding and < 2D parameters Adam groups (lr_head, lr_embed, lr_scalar;
+    betas_adam, eps_adam, no weight decay); the hidden matrices (>= 2D, inside the blocks) get Muon (one
+    muon_optim.Muon with use_muon groups) or AdamW (lr_adamw, betas_adamw, eps_adamw, weight_decay): the runs
+    differ only there. adamw_groups=one_lr: AdamW at lr_adamw on every parameter, weight decay on every matrix.
+    `lr` overrides the hidden matrices' lr (--optimizers=muon:0.03)."""
+    params = dict(model.named_parameters())
+    adamw = dict(lr=lr or cfg["lr_adamw"], betas=parse_betas(cfg["betas_adamw"], "betas_adamw"), eps=cfg["eps_adamw"])
+    if name == "adamw" and cfg["adamw_groups"] == "one_lr":
+        groups = [dict(params=[p for p in params.values() if p.ndim >= 2], weight_decay=cfg["weight_decay"]),
+                  dict(params=[p for p in params.values() if p.ndim < 2], weight_decay=0.0)]
+        return torch.optim.AdamW([g for g in groups if g["params"]], **adamw)
     adam = dict(use_muon=False, betas=parse_betas(cfg["betas_adam"], "betas_adam"), eps=cfg["eps_adam"],
                 weight_decay=0.0)
-    groups = [dict(params=hidden, use_muon=True, lr=lr or cfg["lr_muon"], momentum=cfg["momentum_muon"],
-                   weight_decay=cfg["weight_decay_muon"], ns_method=cfg["ns_method"], normuon=cfg["normuon"] or None,
-                   cautious_wd=cfg["cautious_wd"], name="muon"),
-              dict(params=[model.lm_head.weight], lr=cfg["lr_head"], name="head", **adam),
+    groups = [dict(params=[model.lm_head.weight], lr=cfg["lr_head"], name="head", **adam),
               dict(params=[model.wte.weight], lr=cfg["lr_embed"], name="embed", **adam),
-              dict(params=[p for p in model.parameters() if p.ndim < 2], lr=cfg["lr_scalar"], name="scalar", **adam)]
+              dict(params=[p for p in params.values() if p.ndim < 2], lr=cfg["lr_scalar"], name="scalar", **adam)]
+    hidden = {n: p for n, p in params.items() if n.startswith("blocks.") and p.ndim >= 2}
+    if name == "adamw":
+        hidden_group = dict(params=list(hidden.values()), weight_decay=cfg["weight_decay"], name="adamw", **adamw)
+        return torch.optim.AdamW([g for g in [hidden_group] + groups if g["params"]])
+    split = dict(none=None, qkv=3, heads=3 * cfg["n_head"])[cfg["muon_split"]]  # rows of qkv in blocks
+    fused = [n for n in hidden if split and n.endswith(".attn.qkv.weight")]
+    muon = dict(use_muon=True, lr=lr or cfg["lr_muon"], momentum=cfg["momentum_muon"], ns_method=cfg["ns_method"],
+                weight_decay=cfg["weight_decay_muon"], normuon=cfg["normuon"] or None, cautious_wd=cfg["cautious_wd"])
+    groups[:0] = [dict(params=[p for n, p in hidden.items() if n not in fused], name="muon", **muon),
+                  dict(params=[hidden[n] for n in fused], name="muon_fused", split=split, **muon)]
     return Muon([g for g in groups if g["params"]])
 
 
 def setup_distributed(cfg):
     """rank, world size, device. Under torchrun (RANK set) this joins the process group (NCCL on CUDA, gloo on
-    CPU); --fsdp=True in a plain process makes a 1-rank group, since FSDP needs one. A group the caller made
-    already is used as it is (tests/lm_dist_worker.py trains several configs in one launch)."""
+    CPU); --fsdp=True in a plain process makes a 1-rank group. A group the caller made is used as it is."""
     launched, cuda = "RANK" in os.environ, torch.cuda.is_available() and cfg["device"] != "cpu"
     if (launched or cfg["fsdp"]) and not dist.is_initialized():
         store = {} if launched else dict(store=dist.HashStore(), rank=0, world_size=1)
@@ -497,12 +491,12 @@ def setup_distributed(cfg):
 
 
 def build_run(name, lr, cfg, env):
-    """The model (the same initial weights for every run: seeded), its optimizer, and the module that
-    runs the forward pass (compiled, then DDP-wrapped, as in nanoGPT). With FSDP each block is sharded,
-    then the root (bf16 compute and fp32 gradient reduction on CUDA; fp32 on CPU)."""
+    """The model (seeded: the same initial weights for every run), its optimizer, and the module that runs the
+    forward pass (compiled, then DDP-wrapped, as in nanoGPT). FSDP shards each block, then the root (bf16
+    compute and fp32 gradient reduction on CUDA; fp32 on CPU)."""
     torch.manual_seed(cfg["seed"])
-    model = GPT(GPTConfig(vocab_size=cfg["vocab_size"], block_size=cfg["block_size"], n_layer=cfg["n_layer"],
-                          n_head=cfg["n_head"], n_embd=cfg["n_embd"])).to(env["device"])
+    model = GPT(GPTConfig(**{k: cfg[k] for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd",
+                                                  "fused_qkv")})).to(env["device"])
     cuda = env["device_type"] == "cuda"
     if env["fsdp"]:
         from torch.distributed.device_mesh import init_device_mesh
@@ -529,18 +523,11 @@ def any_rank(flag, env):
     return bool(t.item())
 
 
-def weights_finite(model, env):
-    """The loss is measured before the update: check the weights too (local shards under FSDP), on every rank."""
-    local = (p.to_local() if hasattr(p, "to_local") else p for p in model.parameters())
-    return not any_rank(not all(torch.isfinite(p).all() for p in local), env)
-
-
 # -----------------------------------------------------------------------------
 # Checkpoints: one per run in out_dir/ckpt/, atomic
 
 def checkpoint_path(out, label, use_fsdp):
-    """out/ckpt/<run>.pt (one torch.save'd dict) or, under FSDP, out/ckpt/<run>/ (a torch.distributed.checkpoint
-    directory with meta.pt, the non-tensor part, inside)."""
+    """out/ckpt/<run>.pt, or under FSDP a torch.distributed.checkpoint directory out/ckpt/<run>/ (meta.pt inside)."""
     return os.path.join(out, "ckpt", label.replace(":", "_") + ("" if use_fsdp else ".pt"))
 
 
@@ -550,16 +537,15 @@ def meta_file(path, use_fsdp):
 
 def find_checkpoint(path, use_fsdp):
     """The checkpoint to resume from, or None. An FSDP checkpoint is swapped in by two renames (path -> path.old,
-    path.tmp -> path); after a crash between them path.tmp is the newest whole one (meta.pt, written last,
-    is in it), else path.old is."""
+    path.tmp -> path): after a crash between them path.tmp is the newest whole one (meta.pt is written last)."""
     candidates = (path, path + ".tmp", path + ".old") if use_fsdp else (path,)
     return next((p for p in candidates if os.path.exists(meta_file(p, use_fsdp))), None)
 
 
 def write_checkpoint(path, meta, model, optimizer, env):
-    """Single process / DDP: rank 0 saves one file (temp, then rename). FSDP: every rank writes its shards
-    with dcp.save into path.tmp, rank 0 adds meta.pt and swaps the directory into place; at every moment
-    find_checkpoint finds a whole checkpoint (a swap a crash interrupted is finished first)."""
+    """One process / DDP: rank 0 saves one file (temp, then rename). FSDP: every rank writes its shards with
+    dcp.save into path.tmp, rank 0 adds meta.pt and swaps the directory into place (finishing first a swap that
+    a crash interrupted): at every moment find_checkpoint finds a whole checkpoint."""
     if not env["fsdp"]:
         if env["master"]:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -584,12 +570,11 @@ def write_checkpoint(path, meta, model, optimizer, env):
     dist.barrier()
 
 
-def read_checkpoint(path, model, optimizer, env):
-    """Load a run's checkpoint into model and optimizer and return its meta dict. torch's load_state_dict also
-    restores every param-group option saved in the checkpoint: this run's own are put back, so no checkpointed
-    setting overrides the command line. FSDP checkpoints reshard on load (saved on N ranks, resumed on M)."""
+def read_checkpoint(path, meta, model, optimizer, env):
+    """Load a run's checkpoint (meta: what resume_point read) into model and optimizer. torch's load_state_dict
+    restores the param-group options saved in the checkpoint: this run's own are put back, so the command line
+    wins. FSDP checkpoints reshard on load (saved on N ranks, resumed on M)."""
     configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    meta = load_checkpoint(meta_file(path, env["fsdp"]), SCRIPT)
     if env["fsdp"]:
         model_state, optim_state = get_state_dict(model, optimizer)
         state = dict(model=model_state, optimizer=optim_state)
@@ -600,19 +585,18 @@ def read_checkpoint(path, model, optimizer, env):
         optimizer.load_state_dict(meta.pop("optimizer"))
     for group, options in zip(optimizer.param_groups, configured):
         group.update(options)
-    return meta
 
 
 def resume_point(label, identity, cfg):
-    """(path, meta) of the run's checkpoint, or (None, None) if it has none. Stops unless the checkpoint is of
-    this very run: its identity may differ only in RESUMABLE settings."""
+    """(path, meta) of the run's checkpoint, or (None, {}) if it has none. Stops unless the checkpoint is of this
+    very run: its identity may differ only in RESUMABLE settings."""
     path = find_checkpoint(checkpoint_path(cfg["out_dir"], label, cfg["fsdp"]), cfg["fsdp"])
     if path is None:
         other = find_checkpoint(checkpoint_path(cfg["out_dir"], label, not cfg["fsdp"]), not cfg["fsdp"])
         if other:
             raise SystemExit(f"{other} was written {'without' if cfg['fsdp'] else 'with'} --fsdp=True; resume with "
                              f"--fsdp={not cfg['fsdp']}")
-        return None, None
+        return None, {}
     meta = load_checkpoint(meta_file(path, cfg["fsdp"]), SCRIPT)
     fix = "--resume=False to start over, or another --out_dir"
     if "identity" not in meta:
@@ -628,9 +612,8 @@ def resume_point(label, identity, cfg):
 # Evaluation, logging, stopping
 
 def evaluate(model, val_tokens, B, T, env, autocast):
-    """Mean loss over the fixed val slice; the B*T windows are split among ranks and averaged. Under FSDP
-    every rank must run as many forward passes as the others (each one all-gathers weights), so ranks
-    with one window fewer run a padding window that is not counted."""
+    """Mean loss over the fixed val slice, its B*T windows split among ranks. Under FSDP every rank runs as many
+    forward passes as the others (each all-gathers weights): a rank short of one runs an uncounted padding one."""
     n_batches = (len(val_tokens) - 1) // (B * T)
     rounds = -(-n_batches // env["world"]) * env["world"] if env["fsdp"] else n_batches
     total = torch.zeros(2, dtype=torch.float64, device=env["device"])  # loss sum, windows
@@ -650,12 +633,11 @@ def evaluate(model, val_tokens, B, T, env, autocast):
 
 
 def start_wandb(cfg, label, run_id=None):
-    """A wandb run for one training run (imported only here: wandb_log=False needs no wandb). A resumed
-    run continues its wandb run (same id)."""
+    """A wandb run for one training run (wandb is imported only here); a resumed run continues its own (same id)."""
     import wandb
     name = f"{cfg['wandb_run_name'] or os.path.basename(os.path.normpath(cfg['out_dir']))}-{label}"
-    return wandb.init(project=cfg["wandb_project"], name=name, id=run_id,
-                      resume="allow", config=dict(cfg, run=label), dir=cfg["out_dir"])
+    return wandb.init(project=cfg["wandb_project"], name=name, id=run_id, resume="allow", config=dict(cfg, run=label),
+                      dir=cfg["out_dir"])
 
 
 def save_metrics(metrics, out):
@@ -674,11 +656,10 @@ def save_metrics(metrics, out):
             ax.plot([p[x] for p in run["val"]], [p["loss"] for p in run["val"]], "o-", color=f"C{i}", ms=3, label=label)
     ax1.set(xlabel="step", ylabel="loss", title="train (thin, smoothed) and validation loss")
     ax2.set(xlabel="training time (s, excluding eval)", ylabel="validation loss", title="validation loss vs time")
-    vals = sorted(p["loss"] for r in metrics["runs"].values() for p in r["val"])
-    for ax in (ax1, ax2):  # zoom on the interesting part: the first eval (ln vocab) dwarfs the rest
-        if vals:
-            lo, hi = vals[0], vals[len(vals) // 2]
-            ax.set_ylim(lo - 0.1 * (hi - lo) - 0.05, hi + 0.6 * (hi - lo) + 0.1)
+    vals = sorted(p["loss"] for r in metrics["runs"].values() for p in r["val"]) or [0.0]
+    lo, hi = vals[0], vals[len(vals) // 2]  # zoom on the interesting part: the first eval (ln vocab) dwarfs the rest
+    for ax in (ax1, ax2):
+        ax.set(ylim=(lo - 0.1 * (hi - lo) - 0.05, hi + 0.6 * (hi - lo) + 0.1))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -687,8 +668,8 @@ def save_metrics(metrics, out):
 
 
 class StopRequest:
-    """First Ctrl-C (SIGINT) or SIGTERM: finish the current step, checkpoint and exit; a second Ctrl-C
-    aborts at once. Deferring to the step boundary keeps every run's model and optimizer consistent."""
+    """First Ctrl-C (SIGINT) or SIGTERM: finish the current step, checkpoint and exit; a second Ctrl-C aborts at
+    once. Deferring to the step boundary keeps every run's model and optimizer consistent."""
 
     def __init__(self):
         self.signal, self._old = None, {}  # signal: "SIGINT" or "SIGTERM" once one came
@@ -712,33 +693,31 @@ class StopRequest:
 # Training
 
 def start_run(label, name, lr, cfg, env, data, metrics):
-    """(model, optimizer, forward module, loader, the run's metrics dict, checkpoint meta or {}): from the shared
-    initial weights, or where the run's checkpoint left off (resume: weights, optimizer, data position, RNG)."""
+    """(model, optimizer, forward module, loader, the run's metrics, checkpoint meta or {}): from the shared initial
+    weights, or where the run's checkpoint left off (weights, optimizer, data position, RNG, the metrics so far)."""
     model, optimizer, fwd = build_run(name, lr, cfg, env)
-    accum = cfg["grad_accum_steps"] // env["world"]
-    loader = DataLoader(data["files"], cfg["batch_size"], cfg["block_size"], env["rank"], env["world"], accum,
-                        data["vocab_map"])
+    B, T, world, accum = cfg["batch_size"], cfg["block_size"], env["world"], cfg["grad_accum_steps"] // env["world"]
+    loader = DataLoader(data["files"], B, T, env["rank"], world, accum, data["vocab_map"])
     run = metrics["runs"][label] = dict(identity=data["identities"][label], status="training", train=[], val=[])
-    path, meta = data["resume"].get(label, (None, None))
+    path, meta = data["resume"].get(label, (None, {}))
     if meta:
-        meta = read_checkpoint(path, model, optimizer, env)
+        read_checkpoint(path, meta, model, optimizer, env)
         loader.shard, loader.pos = meta["loader"]["shard"], meta["loader"]["pos"]
         set_rng_state(meta["rng"])
         run.update(meta["run_metrics"], identity=run["identity"], status="training")
     metrics["num_params"] = model.num_params()
     if env["master"]:
-        resumed = f", resumed from {path} at step {meta['step']}" if meta else ""
         print(f"{label}: {model.num_params() / 1e6:.1f}M parameters, {metrics['tokens_per_step']:,} tokens/step "
-              f"({env['world']} x {accum} x {cfg['batch_size']} x {cfg['block_size']}), device {env['device']}"
-              f"{', FSDP' if env['fsdp'] else ''}{resumed}")
-    return model, optimizer, fwd, loader, run, meta or {}
+              f"({world} x {accum} x {B} x {T}), device {env['device']}{', FSDP' if env['fsdp'] else ''}"
+              + (f", resumed from {path} at step {meta['step']}" if meta else ""))
+    return model, optimizer, fwd, loader, run, meta
 
 
 def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
-    """Train one run to max_steps (start_run: fresh or resumed). Returns (steps trained here, status):
-    "finished"; "stopped" after `budget` steps of this invocation or on Ctrl-C / SIGTERM, with a checkpoint;
-    "diverged" on a non-finite loss or weights, without saving that state (the last good checkpoint stays).
-    The loop reads top to bottom, like nanoGPT's train.py."""
+    """Train one run to max_steps (start_run: fresh or resumed). Returns (steps trained here, status): "finished";
+    "stopped" after `budget` steps of this invocation or on Ctrl-C / SIGTERM, checkpointed; "diverged" on a
+    non-finite loss or weights, that state unsaved (the last good checkpoint stays). Reads top to bottom, like
+    nanoGPT's train.py."""
     model, optimizer, fwd, loader, run, meta = start_run(label, name, lr, cfg, env, data, metrics)
     B, T, world, device, master = cfg["batch_size"], cfg["block_size"], env["world"], env["device"], env["master"]
     accum, tokens_per_step = cfg["grad_accum_steps"] // world, metrics["tokens_per_step"]
@@ -748,8 +727,10 @@ def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
     wb = start_wandb(cfg, label, meta.get("wandb_id")) if master and cfg["wandb_log"] else None
 
     def checkpoint(status):
-        """Save the run (unless --save_checkpoint=False); False, saving nothing, if a weight is not finite."""
-        if not weights_finite(model, env):
+        """Save the run (unless --save_checkpoint=False); False, saving nothing, if a weight is not finite (the
+        loss was measured before the update; every rank checks its local shards)."""
+        local = (p.to_local() if hasattr(p, "to_local") else p for p in model.parameters())
+        if any_rank(not all(torch.isfinite(p).all() for p in local), env):
             return False
         run["status"] = status
         if cfg["save_checkpoint"]:
@@ -761,24 +742,33 @@ def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
                 wandb_id=wb.id if wb else meta.get("wandb_id")), model, optimizer, env)
         return True
 
-    def diverged(what):
-        run["status"] = "diverged"
-        kept = f"the last good checkpoint ({path}, step {last_good}) is kept" if last_good else "none was saved before"
+    def end(status, what="weights"):
+        """Close the run as finished or stopped (checkpointed; diverged if a weight is not finite) or diverged."""
+        if status != "diverged" and not checkpoint(status):
+            status = "diverged"
+        run["status"] = status
         if master:
             save_metrics(metrics, cfg["out_dir"])
-            print(f"error: non-finite {what} in run {label!r} at step {step}; stopping without saving this state, "
-                  f"{kept}. Lower the learning rate, add warmup (--warmup_steps) or set --grad_clip=1.0, and start "
-                  f"over with --resume=False", file=sys.stderr)
-        return trained, "diverged"
+            if status == "diverged":
+                kept = (f"the last good checkpoint ({path}, step {last_good}) is kept" if last_good else
+                        "none was saved before")
+                print(f"error: non-finite {what} in run {label!r} at step {step}; stopping without saving this state, "
+                      f"{kept}. Lower the learning rate, add warmup (--warmup_steps) or set --grad_clip=1.0, and "
+                      f"start over with --resume=False", file=sys.stderr)
+            elif status == "stopped":
+                tqdm.write(f"{label}: stopped at step {step}; " + (
+                    f"checkpoint {path}; continue with --resume=True" if cfg["save_checkpoint"] else
+                    "no checkpoint (--save_checkpoint=False): a rerun starts this run over"))
+        return trained, status
 
     def log_eval():
         loss = evaluate(model, data["val_tokens"], B, T, env, autocast)
         run["val"].append(dict(step=step, loss=loss, time=train_time, tokens=step * tokens_per_step))
+        if wb:
+            wb.log(dict(val_loss=loss, time=train_time, tokens=step * tokens_per_step), step=step)
         if master:
             tqdm.write(f"step {step:5d} | {label:>12} | val loss {loss:.4f}")
             save_metrics(metrics, cfg["out_dir"])
-        if wb:
-            wb.log(dict(val_loss=loss, time=train_time, tokens=step * tokens_per_step), step=step)
 
     bar = tqdm(total=cfg["max_steps"], initial=step, desc=label, disable=not master, dynamic_ncols=True)
     try:
@@ -791,8 +781,7 @@ def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
                 group["lr"] = group["initial_lr"] * lr_mult
                 if group.get("use_muon"):
                     group["momentum"] = muon_momentum_at(step, cfg["momentum_muon_warmup"], cfg["momentum_muon"])
-            t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
+            t0, loss_sum = time.perf_counter(), torch.zeros((), device=device)
             for i, (x, y) in enumerate(loader.next_batches()):
                 if env["ddp"]:  # reduce the gradients only on the last micro-step
                     fwd.require_backward_grad_sync = i == accum - 1
@@ -812,7 +801,7 @@ def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
             dt = time.perf_counter() - t0
             train_time, step, trained = train_time + dt, step + 1, trained + 1
             if not math.isfinite(loss_value):
-                return diverged(f"training loss ({loss_value})")
+                return end("diverged", f"training loss ({loss_value})")
             mfu = model.estimate_mfu(tokens_per_step / world, dt, seq_len=T) if env["device_type"] == "cuda" else None
             point = dict(step=step, loss=loss_value, lr=lr_mult, tok_s=tokens_per_step / dt, time=train_time)
             run["train"].append(point if mfu is None else dict(point, mfu=mfu))  # MFU: CUDA with a known peak
@@ -823,20 +812,13 @@ def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
                            f"{tokens_per_step / dt:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
             bar.update(1)
             if step < cfg["max_steps"] and any_rank(stop.signal or trained >= budget, env):
-                if not checkpoint("stopped"):
-                    return diverged("weights")
-                if master:
-                    save_metrics(metrics, cfg["out_dir"])
-                    tqdm.write(f"{label}: stopped at step {step}; " + (
-                        f"checkpoint {path}; continue with --resume=True" if cfg["save_checkpoint"] else
-                        "no checkpoint (--save_checkpoint=False): a rerun starts this run over"))
-                return trained, "stopped"
+                return end("stopped")
             if cfg["ckpt_every"] and step % cfg["ckpt_every"] == 0:
                 if not checkpoint("training"):
-                    return diverged("weights")
+                    return end("diverged")
                 last_good = step if cfg["save_checkpoint"] else last_good
         log_eval()
-        return (trained, "finished") if checkpoint("finished") else diverged("weights")
+        return end("finished")
     finally:
         bar.close()
         if wb:
@@ -855,12 +837,8 @@ def train(cfg):
     try:
         if cfg["threads"]:
             torch.set_num_threads(cfg["threads"])
-        torch.set_flush_denormal(True)  # CPU: subnormal floats late in long runs slow float math ~4x; flush to 0
-        if cfg["grad_accum_steps"] % env["world"]:
-            raise SystemExit(f"--grad_accum_steps={cfg['grad_accum_steps']}: must be divisible by the number of "
-                             f"processes ({env['world']})")
-        files = find_shards(cfg["data_dir"], cfg["train_files"])
-        val_file = find_shards(cfg["data_dir"], cfg["val_files"])[0]
+        torch.set_flush_denormal(True)  # CPU: subnormal floats late in long runs slow float math; flush them to 0
+        files, (val_file, *_) = (find_shards(cfg["data_dir"], cfg[k]) for k in ("train_files", "val_files"))
         cfg = dict(cfg, vocab_size=cfg["vocab_top"] or cfg["vocab_size"])
         identities = run_identities(cfg, [label for _, _, label in runs], env, data_fingerprint(files + [val_file]))
         resume = {label: resume_point(label, identities[label], cfg) for label in identities} if cfg["resume"] else {}
@@ -874,19 +852,19 @@ def train(cfg):
         os.makedirs(cfg["out_dir"], exist_ok=True)
         budget = cfg["stop_after_steps"] or math.inf  # steps left in this invocation, all runs together
         for name, lr, label in runs:
-            meta = resume.get(label, (None, None))[1]
-            if meta and meta["finished"]:
+            meta = resume.get(label, (None, {}))[1]
+            if meta.get("finished"):
                 metrics["runs"][label] = meta["run_metrics"]
-            elif budget <= 0 or stop.signal:
+                continue
+            if budget <= 0 or stop.signal:
                 if env["master"]:
                     print(f"stopped before run {label}" + ("; continue with --resume=True" if cfg["save_checkpoint"]
                                                           else " (--save_checkpoint=False: a rerun starts over)"))
                 break
-            else:
-                trained, status = train_run(label, name, lr, cfg, env, data, metrics, budget, stop)
-                budget -= trained
-                if status == "stopped":
-                    break
+            trained, status = train_run(label, name, lr, cfg, env, data, metrics, budget, stop)
+            budget -= trained
+            if status == "stopped":
+                break
         finals = {label: r["val"][-1]["loss"] for label, r in metrics["runs"].items() if r["status"] == "finished"}
         complete = len(finals) == len(runs)
         metrics["stopped_by"] = None if complete else stop.signal  # SIGINT / SIGTERM: the exit status says so

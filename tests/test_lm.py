@@ -147,6 +147,110 @@ def test_muon_run_settings_reach_the_muon_group():
         train_muon.make_optimizer("muon", tiny_model(), dict(cfg, betas_adam="0.9"))
 
 
+def ids(params):
+    return [id(p) for p in params]
+
+
+def model_with_a_gain(fused_qkv=False):
+    """The tiny model plus a < 2D parameter, so that the scalar group is not empty."""
+    model = tiny_model()
+    if fused_qkv:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=VOCAB, block_size=16, n_layer=2, n_head=2, n_embd=32, fused_qkv=True))
+    model.blocks[0].gain = torch.nn.Parameter(torch.ones(32))
+    return model
+
+
+def test_the_adamw_run_differs_from_the_muon_run_only_in_the_hidden_matrices():
+    """adamw_groups=per_group (the default): the head, the embedding and the scalars get the Muon run's Adam groups
+    (their LR knobs, betas_adam, eps_adam, no weight decay); only the hidden matrices get AdamW instead of Muon."""
+    cfg = dict(train_muon.CONFIG, lr_head=0.02, lr_embed=0.3, lr_scalar=0.05, betas_adam="0.7,0.9", eps_adam=1e-9)
+    model = model_with_a_gain()
+    muon = {g["name"]: g for g in train_muon.make_optimizer("muon", model, cfg).param_groups}
+    opt = train_muon.make_optimizer("adamw", model, cfg, lr=3e-3)
+    adamw = {g["name"]: g for g in opt.param_groups}
+    assert isinstance(opt, torch.optim.AdamW) and set(muon) == {"muon", "head", "embed", "scalar"}
+    assert set(adamw) == {"adamw", "head", "embed", "scalar"}
+    for name in ("head", "embed", "scalar"):
+        assert ids(adamw[name]["params"]) == ids(muon[name]["params"])
+        assert [adamw[name][k] for k in ("lr", "betas", "eps", "weight_decay")] == \
+            [muon[name][k] for k in ("lr", "betas", "eps", "weight_decay")]
+    assert muon["embed"]["lr"] == 0.3 and muon["scalar"]["betas"] == (0.7, 0.9) and muon["head"]["weight_decay"] == 0
+    hidden = [p for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2]
+    assert ids(adamw["adamw"]["params"]) == ids(muon["muon"]["params"]) == ids(hidden)
+    assert [adamw["adamw"][k] for k in ("lr", "betas", "eps", "weight_decay")] == [3e-3, (0.9, 0.95), 1e-8, 0.1]
+
+
+def test_one_lr_adamw_steps_exactly_like_the_earlier_adamw_arm():
+    """adamw_groups=one_lr: torch AdamW at lr_adamw on every parameter, weight decay on every matrix (embedding
+    and head too), none on < 2D parameters, betas_adamw, eps_adamw: the AdamW arm of the earlier results."""
+    ours, earlier = model_with_a_gain(), model_with_a_gain()
+    for p in ours.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    earlier.load_state_dict(ours.state_dict())
+    opt = train_muon.make_optimizer("adamw", ours, dict(train_muon.CONFIG, adamw_groups="one_lr"))
+    ref = torch.optim.AdamW([dict(params=[p for p in earlier.parameters() if p.ndim >= 2], weight_decay=0.1),
+                             dict(params=[p for p in earlier.parameters() if p.ndim < 2], weight_decay=0.0)],
+                            lr=1.5e-3, betas=(0.9, 0.95), eps=1e-8)
+    x = torch.randint(0, VOCAB, (3, 17))
+    for _ in range(3):
+        for model, o in ((ours, opt), (earlier, ref)):
+            (model(x[:, :-1], x[:, 1:]) + model.blocks[0].gain.square().sum()).backward()
+            o.step()
+            o.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), earlier.parameters()))
+
+
+def test_fused_qkv_model_gives_the_logits_of_the_separate_one():
+    """GPTConfig(fused_qkv=True): one (3d, d) weight qkv, rows q | k | v. With the weights copied from the
+    model with separate c_q, c_k, c_v it computes the same logits; from the same seed it has those weights."""
+    separate = tiny_model()
+    for p in separate.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    torch.manual_seed(0)
+    fused = GPT(GPTConfig(vocab_size=VOCAB, block_size=16, n_layer=2, n_head=2, n_embd=32, fused_qkv=True))
+    state = separate.state_dict()
+    for i in range(2):
+        q, k, v = (state.pop(f"blocks.{i}.attn.c_{n}.weight") for n in "qkv")
+        state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([q, k, v])
+    fused.load_state_dict(state)  # strict: no other parameter differs
+    idx = torch.randint(0, VOCAB, (3, 16))
+    torch.testing.assert_close(fused(idx), separate(idx), rtol=1e-6, atol=1e-6)
+    torch.manual_seed(0)
+    seeded = GPT(GPTConfig(vocab_size=VOCAB, block_size=16, n_layer=2, n_head=2, n_embd=32, fused_qkv=True))
+    init = tiny_model().state_dict()
+    qkv = torch.cat([init[f"blocks.1.attn.c_{n}.weight"] for n in "qkv"])
+    assert torch.equal(seeded.blocks[1].attn.qkv.weight, qkv)
+    assert "blocks.0.attn.c_q.weight" in init and "blocks.0.attn.qkv.weight" not in init  # the default: unchanged
+
+
+@pytest.mark.parametrize("muon_split, blocks", [("none", None), ("qkv", (32,) * 3), ("heads", (16,) * 6)])
+def test_muon_split_puts_the_fused_qkv_weights_in_a_split_muon_group(muon_split, blocks):
+    model = model_with_a_gain(fused_qkv=True)
+    cfg = dict(train_muon.CONFIG, n_head=2, fused_qkv=True, muon_split=muon_split)
+    groups = {g["name"]: g for g in train_muon.make_optimizer("muon", model, cfg).param_groups}
+    qkv = [model.blocks[i].attn.qkv.weight for i in range(2)]
+    if blocks is None:
+        assert "muon_fused" not in groups and set(ids(qkv)) <= set(ids(groups["muon"]["params"]))
+    else:
+        assert ids(groups["muon_fused"]["params"]) == ids(qkv) and tuple(groups["muon_fused"]["split"]) == blocks
+        assert not set(ids(qkv)) & set(ids(groups["muon"]["params"]))
+        assert groups["muon_fused"]["lr"] == groups["muon"]["lr"] == 0.05
+
+
+def test_fused_qkv_split_in_three_trains_like_separate_q_k_v(data_dir, tmp_path):
+    """The same seed gives the fused model the separate model's weights, and split=3 updates the three blocks as
+    three matrices: the runs agree to float rounding (the fused matmul sums in another order)."""
+    cfg = config(data_dir, tmp_path, max_steps=6, optimizers="muon", eval_every=3, save_checkpoint=False)
+    separate = train_muon.train(dict(cfg, out_dir=str(tmp_path / "separate")))
+    split = train_muon.train(dict(cfg, out_dir=str(tmp_path / "split"), fused_qkv=True, muon_split="qkv"))
+    whole = train_muon.train(dict(cfg, out_dir=str(tmp_path / "whole"), fused_qkv=True))
+    gap = {k: np.abs(np.subtract(train_losses(m, "muon"), train_losses(separate, "muon"))).max()
+           for k, m in (("split", split), ("whole", whole))}
+    assert gap["split"] < 1e-6 and gap["whole"] > 5e-6, gap  # whole: one polar factor for q, k and v together
+    assert split["runs"]["muon"]["identity"]["muon_split"] == "qkv" and split["runs"]["muon"]["identity"]["fused_qkv"]
+
+
 def test_model_file_imports_torch_only():
     import ast
     tree = ast.parse(open(os.path.join(ROOT, "model_keller.py")).read())
@@ -387,7 +491,8 @@ BAD_SETTINGS = [("eval_every", 0), ("log_every", 0), ("batch_size", 0), ("grad_a
                 ("ns_method", "newton_shulz"), ("normuon", 1.0), ("momentum_muon", 1.5), ("betas_adam", "0.9"),
                 ("betas_adamw", "0.9,1.5"), ("max_steps", 0), ("warmup_steps", -1), ("cooldown_frac", 1.5),
                 ("eval_tokens", 0), ("vocab_top", 1), ("grad_clip", -1.0), ("ckpt_every", -1),
-                ("stop_after_steps", -1), ("threads", -1), ("device", "gpu"), ("lr_muon", 0.0), ("weight_decay", -0.1)]
+                ("stop_after_steps", -1), ("threads", -1), ("device", "gpu"), ("lr_muon", 0.0), ("weight_decay", -0.1),
+                ("adamw_groups", "per_param"), ("muon_split", "rows"), ("muon_split", "qkv")]
 
 
 @pytest.mark.parametrize("setting, value", BAD_SETTINGS)
@@ -498,14 +603,20 @@ def torchrun(tmp_path, configs, nproc=2):
 
 def test_torchrun_ddp_and_fsdp_match_one_process_and_resume(data_dir, tmp_path):
     """2 ranks x 1 micro-step (DDP) == 1 process x 2 micro-steps; FSDP on 2 ranks == DDP on 2 ranks; an FSDP
-    run stopped and resumed == uninterrupted; a 2-rank FSDP checkpoint resumes on 1 rank."""
+    run stopped and resumed == uninterrupted; a 2-rank FSDP checkpoint resumes on 1 rank; a fused qkv weight
+    split per head under FSDP (blocks that span the two ranks' shards) == one process."""
     base = config(data_dir, tmp_path, max_steps=8, eval_every=4, optimizers="muon,adamw")
-    out = {k: str(tmp_path / k) for k in ("ddp", "fsdp", "stopped", "half")}
+    out = {k: str(tmp_path / k) for k in ("ddp", "fsdp", "stopped", "half", "heads")}
     fsdp = dict(base, fsdp=True)
+    heads = dict(base, optimizers="muon", fused_qkv=True, muon_split="heads")
     torchrun(tmp_path, [dict(base, out_dir=out["ddp"]), dict(fsdp, out_dir=out["fsdp"]),
                         dict(fsdp, out_dir=out["stopped"], stop_after_steps=5),
                         dict(fsdp, out_dir=out["stopped"], resume=True),
-                        dict(fsdp, out_dir=out["half"], stop_after_steps=5)])
+                        dict(fsdp, out_dir=out["half"], stop_after_steps=5),
+                        dict(heads, fsdp=True, out_dir=out["heads"])])
+    heads_one = train_muon.train(dict(heads, out_dir=str(tmp_path / "heads_one")))
+    np.testing.assert_allclose(train_losses(load_metrics(out["heads"]), "muon"), train_losses(heads_one, "muon"),
+                               atol=1e-5)
     one = train_muon.train(dict(base, out_dir=str(tmp_path / "one")))
     ddp, m_fsdp, resumed = load_metrics(out["ddp"]), load_metrics(out["fsdp"]), load_metrics(out["stopped"])
     assert ddp["world_size"] == 2 and ddp["tokens_per_step"] == one["tokens_per_step"]
