@@ -4,15 +4,7 @@ with Adam or with Muon while every weight vector stays on its unit hypersphere (
 
     python train_ngpt.py                                   # GPU-sized defaults, shards from prepare_fineweb.py
     python train_ngpt.py --optimizer=adam --lr_adam=5e-4   # the paper's baseline
-    python train_ngpt.py --sphere=geodesic                 # Muon steps along great circles
-    python train_ngpt.py --stop_after_steps=500            # checkpoint and exit; --resume=True continues exactly
-    python train_ngpt.py --wandb_log=True                  # also log metrics.json's numbers to Weights & Biases
     python study_ngpt.py --sweep=lr                        # the sweeps: lr | proj_every | update | toggles
-
-Every constant below can be overridden as --name=value (--help lists them). The model lives in this file;
-staying on the sphere ('project', 'geodesic', 'geodesic_scaled', lazy projection) is a per-group option of
-muon_optim.Muon. Data: llm.c / modded-nanogpt token shards (prepare_fineweb.py). metrics.json and ckpt.pt
-record the run's identity (settings, code, data); --resume=True continues only a matching checkpoint.
 """
 import glob
 import hashlib
@@ -31,16 +23,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import muon_optim
-from muon_optim import Muon
 
 # -----------------------------------------------------------------------------
-# Config: edit here or override with --name=value
+# Config: edit here or override with --name=value (--help lists them)
 
 # data (shards from prepare_fineweb.py)
 data_dir = "data/fineweb_edu"
 train_files = "fineweb_train_*.bin"
 val_files = "fineweb_val_*.bin"
-vocab_size = 50304  # GPT-2's 50257 padded to a multiple of 64 (the padding rows are never targets)
+vocab_size = 50304  # GPT-2's vocab, padded for fast matmuls (the padding rows are never targets)
 vocab_top = 0  # 0: the tokens as they are; N: keep the N-1 most frequent train tokens, the rest -> id N-1 (CPU recipe)
 # model (GPT-2 small class, the size of train_muon.py's GPT)
 n_layer = 12
@@ -48,17 +39,17 @@ n_head = 6
 n_embd = 768
 block_size = 1024
 mlp_ratio = 4  # SwiGLU hidden size = mlp_ratio * n_embd (for each of u and v)
-# batch: batch_size x block_size tokens per micro-step, grad_accum_steps micro-steps per step (65,536 tokens)
+# batch: batch_size x block_size tokens per micro-step, grad_accum_steps micro-steps per step
 batch_size = 8
 grad_accum_steps = 8
 # optimizer and schedule (nGPT: no warmup, no weight decay)
 optimizer = "muon"  # 'muon' (Muon on the matrices, Adam on embed/head/scalars) | 'adam' (the paper's baseline)
 max_steps = 6000
-cooldown_frac = 0.3  # constant LR, then linear decay to 0 over the last 30%
+cooldown_frac = 0.3  # constant LR, then linear decay to 0 over this last fraction of the steps
 lr_muon = 0.01  # Muon on the hidden matrices
 momentum_muon = 0.95
 ns_method = "newton_schulz"  # 'newton_schulz' (NS5) | 'polar_express' | 'gram_newton_schulz'
-normuon = 0.0  # NorMuon beta2 (e.g. 0.95); 0.0 = off
+normuon = 0.0  # NorMuon beta2; 0.0 = off
 weight_decay_muon = 0.0  # on the hidden matrices; a uniform decay is undone by the projection anyway
 lr_embed = 5e-4  # the Muon run's Adam groups: embedding, head, scalars (alphas and scales)
 lr_head = 5e-4
@@ -88,32 +79,21 @@ compile = True  # torch.compile (CUDA only; ignored on CPU)
 threads = 0  # CPU threads for torch (0 = torch's default)
 seed = 1337
 # -----------------------------------------------------------------------------
-CONFIG = {k: v for k, v in dict(globals()).items()
-          if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str))}
-# not in a run's identity: where the data and the run are, how fast it runs and how often it saves (device and
-# compile enter resolved, the data as the fingerprint of the shards read); an Adam run ignores the Muon knobs
-# and a Muon run the Adam baseline's, so the sweeps share those runs
-NOT_RUN_SETTINGS = ("data_dir", "train_files", "val_files", "out_dir", "resume", "dry_run", "save_checkpoint",
-                    "ckpt_every", "stop_after_steps", "device", "compile", "threads", "wandb_log", "wandb_project",
-                    "wandb_run_name")
+CONFIG = {k: v for k, v in dict(globals()).items() if k[0] != "_" and k.islower() and isinstance(v, (int, float, str))}
 MUON_ONLY = ("lr_muon", "momentum_muon", "ns_method", "normuon", "weight_decay_muon", "lr_embed", "lr_head",
              "lr_scalar")
-ADAM_ONLY = ("lr_adam", "weight_decay")
-# what --resume=True may change, all else in the identity must match: the resumed run computes the same numbers
-# (moved shards have the same fingerprint; eval_every moves only the evals, compile only CUDA's float rounding)
+ADAM_ONLY = ("lr_adam", "weight_decay")  # a run ignores the other optimizer's settings, so the sweeps share runs
+# what --resume=True may change; all else in the identity must match, as the resumed run computes the same numbers
 RESUMABLE = ("eval_every", "ckpt_every", "stop_after_steps", "save_checkpoint", "out_dir", "data_dir", "train_files",
              "val_files", "threads", "compile", "wandb_log", "wandb_project", "wandb_run_name")
-AT_LEAST_1 = ("n_layer", "n_head", "n_embd", "block_size", "mlp_ratio", "batch_size", "grad_accum_steps", "max_steps",
-              "eval_every", "eval_tokens", "proj_every", "vocab_size")
-AT_LEAST_0 = ("ckpt_every", "stop_after_steps", "threads", "lr_muon", "lr_embed", "lr_head", "lr_scalar", "lr_adam",
-              "weight_decay_muon", "weight_decay")
-CHOICES = dict(optimizer=("muon", "adam"), sphere=("project", "geodesic", "geodesic_scaled"),
-               ns_method=("newton_schulz", "polar_express", "gram_newton_schulz"))
+# not in a run's identity: RESUMABLE but eval_every, and how to run (device and compile enter it resolved)
+NOT_RUN_SETTINGS = tuple(k for k in RESUMABLE if k != "eval_every") + ("resume", "dry_run", "device")
+OPTIMIZERS, SPHERES = ("muon", "adam"), ("project", "geodesic", "geodesic_scaled")
+NS_METHODS = ("newton_schulz", "polar_express", "gram_newton_schulz")
 SOURCE_FILES = (os.path.abspath(__file__), muon_optim.__file__)  # the code a run executes
 
-# -----------------------------------------------------------------------------
-# pasted helpers (identical in every script, see tests/test_consistency.py)
 
+# ---- pasted helpers (identical in every script, see tests/test_consistency.py)
 def parse_overrides(argv, defaults):
     """--name=value overrides of the constants at the top of a script (nanoGPT style).
     Flags are True/False; ints and floats are parsed as numbers (--eval_tokens=1e5 is an int if
@@ -269,46 +249,30 @@ def read_shard(path):
 SOURCE_HASH = source_hash(*SOURCE_FILES)
 
 
-# -----------------------------------------------------------------------------
-# Settings: checked before anything runs; a run's identity
-
-def check_config(cfg):
+# ---- Settings: checked before anything runs; a run's identity
+def check_config(c):
     """Stop with the bad setting, its value and the fix before anything is built or trained."""
-    def bad(name, why):
-        raise SystemExit(f"error: --{name}={cfg[name]}: {why}")
-    for name in AT_LEAST_1:
-        if cfg[name] < 1:
-            bad(name, "must be >= 1")
-    for name in AT_LEAST_0:
-        if cfg[name] < 0:
-            bad(name, "must be >= 0")
-    for name, choices in CHOICES.items():
-        if cfg[name] not in choices:
-            bad(name, "choose one of " + ", ".join(repr(c) for c in choices))
-    if not 0 <= cfg["cooldown_frac"] <= 1:
-        bad("cooldown_frac", "must be in [0, 1]")
-    for name in ("momentum_muon", "normuon"):
-        if not 0 <= cfg[name] < 1:
-            bad(name, "must be in [0, 1)")
-    if cfg["eps_adam"] <= 0:
-        bad("eps_adam", "must be > 0, e.g. 1e-8")
-    if cfg["n_embd"] % cfg["n_head"] or (cfg["n_embd"] // cfg["n_head"]) % 2:
-        raise SystemExit(f"error: --n_embd={cfg['n_embd']} --n_head={cfg['n_head']}: the width must split into "
-                         "n_head heads of even size (RoPE); pick n_head dividing n_embd / 2")
-    if cfg["vocab_top"] and not 2 <= cfg["vocab_top"] <= 65536:
-        bad("vocab_top", "use 0 (full vocab) or a size in 2..65536")
-    if cfg["proj_every"] > 1 and cfg["sphere"] != "project":
-        bad("proj_every", "lazy projection (> 1) needs --sphere=project (the geodesic steps stay on the sphere)")
-    try:
-        betas = [float(b) for b in cfg["betas_adam"].split(",")]
-    except ValueError:
-        betas = []
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        bad("betas_adam", "expected two numbers in [0, 1), e.g. 0.9,0.95")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg["device"]):
-        bad("device", "use auto, cpu, cuda or cuda:N")
-    if resolve_device(cfg).type == "cuda" and not torch.cuda.is_available():
-        bad("device", "CUDA is not available on this machine; use --device=cpu (or auto)")
+    rules = [  # (settings, the test each one's value must pass, the fix), checked in this order
+        (("n_layer", "n_head", "n_embd", "block_size", "mlp_ratio", "batch_size", "grad_accum_steps", "max_steps",
+          "eval_every", "eval_tokens", "proj_every", "vocab_size"), lambda v: v >= 1, "must be >= 1"),
+        (("ckpt_every", "stop_after_steps", "threads", "lr_muon", "lr_embed", "lr_head", "lr_scalar", "lr_adam",
+          "weight_decay_muon", "weight_decay"), lambda v: v >= 0, "must be >= 0"),
+        (("optimizer",), lambda v: v in OPTIMIZERS, f"choose one of {', '.join(OPTIMIZERS)}"),
+        (("sphere",), lambda v: v in SPHERES, f"choose one of {', '.join(SPHERES)}"),
+        (("ns_method",), lambda v: v in NS_METHODS, f"choose one of {', '.join(NS_METHODS)}"),
+        (("cooldown_frac",), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        (("momentum_muon", "normuon"), lambda v: 0 <= v < 1, "must be in [0, 1)"),
+        (("eps_adam",), lambda v: v > 0, "must be > 0, e.g. 1e-8"),
+        (("n_head",), lambda v: c["n_embd"] % (2 * v) == 0, f"--n_embd={c['n_embd']}: pick n_head dividing n_embd / 2"),
+        (("vocab_top",), lambda v: v == 0 or 2 <= v <= 65536, "use 0 (full vocab) or a size in 2..65536"),
+        (("proj_every",), lambda v: v == 1 or c["sphere"] == "project", "lazy projection needs --sphere=project"),
+        (("betas_adam",), lambda v: re.fullmatch(r"(0|0?\.\d+), *(0|0?\.\d+)", v), "two in [0, 1), e.g. 0.9,0.95"),
+        (("device",), lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "use auto, cpu, cuda or cuda:N"),
+        (("device",), lambda v: "cuda" not in v or torch.cuda.is_available(), "no CUDA here: use --device=cpu")]
+    for names, ok, fix in rules:
+        for name in names:
+            if not ok(c[name]):
+                raise SystemExit(f"error: --{name}={c[name]}: {fix}")
 
 
 def resolve_device(cfg):
@@ -317,29 +281,22 @@ def resolve_device(cfg):
 
 def run_identity_of(cfg, data_hash):
     """The run's identity (see NOT_RUN_SETTINGS): its settings resolved on this device, the code, the data."""
-    dev = resolve_device(cfg)
-    skip = NOT_RUN_SETTINGS + (MUON_ONLY if cfg["optimizer"] == "adam" else ADAM_ONLY)
-    settings = {k: v for k, v in cfg.items() if k not in skip}
-    settings.update(vocab_size=cfg["vocab_top"] or cfg["vocab_size"], device=dev.type,
-                    compile=bool(cfg["compile"] and dev.type == "cuda"),
+    dev, skip = resolve_device(cfg), NOT_RUN_SETTINGS + (MUON_ONLY if cfg["optimizer"] == "adam" else ADAM_ONLY)
+    settings = dict({k: v for k, v in cfg.items() if k not in skip}, vocab_size=cfg["vocab_top"] or cfg["vocab_size"],
+                    device=dev.type, compile=bool(cfg["compile"] and dev.type == "cuda"),
                     compute_dtype=muon_optim.compute_dtype_rule(dev))
     return run_identity(settings, SOURCE_HASH, data_hash)
 
 
-# -----------------------------------------------------------------------------
-# Data: llm.c / modded-nanogpt token shards
-
-def shard_paths(data_dir, pattern):
-    paths = sorted(glob.glob(os.path.join(data_dir, pattern)))
-    if not paths:
-        raise SystemExit(f"error: no shards matching {pattern!r} in {data_dir!r}; point --data_dir at the folder "
-                         "that holds them, or write them with `python prepare_fineweb.py` (--input for local text)")
-    return paths
-
-
+# ---- Data: llm.c / modded-nanogpt token shards
 def data_files(cfg):
     """The shards a run reads: every train shard, then the first val shard (the run identity's data)."""
-    return shard_paths(cfg["data_dir"], cfg["train_files"]) + shard_paths(cfg["data_dir"], cfg["val_files"])[:1]
+    found = {k: sorted(glob.glob(os.path.join(cfg["data_dir"], cfg[k]))) for k in ("train_files", "val_files")}
+    for k, paths in found.items():
+        if not paths:
+            raise SystemExit(f"error: no shards matching {cfg[k]!r} in {cfg['data_dir']!r}; point --data_dir at "
+                             "their folder, or write them with `python prepare_fineweb.py` (--input for local text)")
+    return found["train_files"] + found["val_files"][:1]
 
 
 def build_vocab_map(shards, top):
@@ -353,78 +310,62 @@ def build_vocab_map(shards, top):
     return table
 
 
-def batch_at(tokens, pos, B, T, vocab_map):
-    """(x, y): B x T tokens from `pos` and the same shifted by one, ids mapped through vocab_map if any."""
+def batch_at(tokens, pos, B, T, vocab_map, dev):
+    """(x, y) on dev: B x T tokens from `pos` and the same shifted by one, ids mapped through vocab_map if any."""
     buf = np.asarray(tokens[pos:pos + B * T + 1], dtype=np.int64)
-    buf = torch.from_numpy(buf if vocab_map is None else vocab_map[buf])
+    buf = torch.from_numpy(buf if vocab_map is None else vocab_map[buf]).to(dev, non_blocking=True)
     return buf[:-1].view(B, T), buf[1:].view(B, T)
 
 
 class ShardLoader:
-    """Consecutive (batch, block_size) windows through the shards in order, wrapping around; the
-    state (shard index, position) is two ints, so a resumed run sees exactly the same batches."""
+    """B x T windows through the train shards in order, wrapping around; `at` (shard, pos) is all its state."""
 
-    def __init__(self, paths, batch_size, block_size, vocab_map=None):
-        self.paths, self.B, self.T, self.vocab_map = paths, batch_size, block_size, vocab_map
-        self.load_state(dict(shard=0, pos=0))
-
-    def state(self):
-        return dict(shard=self.shard, pos=self.pos)
-
-    def load_state(self, state):
-        self.shard, self.pos = state["shard"], state["pos"]
-        self.tokens = read_shard(self.paths[self.shard])
+    def __init__(self, shards, B, T, vocab_map, dev):
+        self.shards, self.B, self.T, self.vocab_map, self.dev = shards, B, T, vocab_map, dev
+        self.at = dict(shard=0, pos=0)
 
     def next_batch(self):
-        if self.pos + self.B * self.T + 1 > len(self.tokens):
-            self.load_state(dict(shard=(self.shard + 1) % len(self.paths), pos=0))
-        x, y = batch_at(self.tokens, self.pos, self.B, self.T, self.vocab_map)
-        self.pos += self.B * self.T
-        return x, y
+        shard, pos, n = self.at["shard"], self.at["pos"], self.B * self.T
+        if pos + n + 1 > len(self.shards[shard]):
+            shard, pos = (shard + 1) % len(self.shards), 0
+        self.at = dict(shard=shard, pos=pos + n)
+        return batch_at(self.shards[shard], pos, self.B, self.T, self.vocab_map, self.dev)
 
 
-def load_data(cfg):
-    """(train loader, val token slice, vocab_map or None, vocab size, data fingerprint), after checking
-    every shard's header and that the data fits the model: a bad shard stops here with the file and the fix."""
-    paths, batch = data_files(cfg), cfg["batch_size"] * cfg["block_size"] + 1
+def load_data(cfg, dev):
+    """(train loader, val batches, vocab size, data fingerprint), every shard checked: a bad one stops here."""
+    paths, B, T = data_files(cfg), cfg["batch_size"], cfg["block_size"]
     try:
         shards = [read_shard(path) for path in paths]
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    for path, tokens in zip(paths, shards[:-1]):
-        if len(tokens) < batch:
-            raise SystemExit(f"error: {path} has {len(tokens)} tokens, fewer than one batch ({batch}); lower "
-                             "--batch_size or --block_size")
     val = shards[-1][:cfg["eval_tokens"] + 1]
-    if len(val) < batch:
-        raise SystemExit(f"error: --eval_tokens={cfg['eval_tokens']}: the val slice ({len(val)} tokens) holds less "
-                         "than one batch; raise --eval_tokens or lower --batch_size/--block_size")
+    for name, tokens in [*zip(paths, shards[:-1]), (f"the val slice of --eval_tokens={cfg['eval_tokens']}", val)]:
+        if len(tokens) < B * T + 1:
+            raise SystemExit(f"error: {name} has {len(tokens)} tokens, fewer than one batch ({B * T + 1}); lower "
+                             "--batch_size or --block_size (or raise --eval_tokens)")
     vocab_map = build_vocab_map(shards[:-1], cfg["vocab_top"]) if cfg["vocab_top"] else None
     vocab_size = cfg["vocab_top"] or cfg["vocab_size"]
     top_id = int(np.max(val if vocab_map is None else vocab_map[np.asarray(val)]))
     if top_id >= vocab_size:
         raise SystemExit(f"error: the data holds token id {top_id} but vocab_size={vocab_size}; raise --vocab_size "
                          "(50304 for GPT-2 tokens) or use --vocab_top=N")
-    loader = ShardLoader(paths[:-1], cfg["batch_size"], cfg["block_size"], vocab_map)
-    return loader, val, vocab_map, vocab_size, data_fingerprint(paths)
+    val_batches = [batch_at(val, pos, B, T, vocab_map, dev) for pos in range(0, len(val) - B * T, B * T)]
+    return ShardLoader(shards[:-1], B, T, vocab_map, dev), val_batches, vocab_size, data_fingerprint(paths)
 
 
-# -----------------------------------------------------------------------------
-# The model: nGPT (results/ngpt.md, "The model")
-
+# ---- The model: nGPT (results/ngpt.md, "The model", says why each norm and scale is where it is)
 def unit(x, dim=-1):
     """Scale to unit L2 norm along `dim` (nGPT's justnorm)."""
     return F.normalize(x, dim=dim, eps=1e-12)
 
 
 class Scale(nn.Module):
-    """A learnable per-dimension scale stored as `init_scaling` and used as param * init_value / init_scaling,
-    so one Adam LR suits alphas and logit scales alike (paper sec. 2.5)."""
+    """A learnable per-dimension scale, stored as `init_scaling` and used as param * init_value / init_scaling."""
 
     def __init__(self, size, init_value, init_scaling):
         super().__init__()
-        self.multiplier = init_value / init_scaling
-        self.param = nn.Parameter(torch.full((size,), float(init_scaling)))
+        self.multiplier, self.param = init_value / init_scaling, nn.Parameter(torch.full((size,), float(init_scaling)))
 
     def forward(self):
         return self.param * self.multiplier
@@ -439,31 +380,23 @@ class Attention(nn.Module):
     def __init__(self, n_embd, n_head):
         super().__init__()
         self.n_head, self.head_dim = n_head, n_embd // n_head
-        self.q = nn.Linear(n_embd, n_embd, bias=False)
-        self.k = nn.Linear(n_embd, n_embd, bias=False)
-        self.v = nn.Linear(n_embd, n_embd, bias=False)
-        self.proj = nn.Linear(n_embd, n_embd, bias=False)
+        self.q, self.k, self.v, self.proj = (nn.Linear(n_embd, n_embd, bias=False) for _ in range(4))
         self.s_qk = Scale(n_embd, 1.0, n_embd ** -0.5)
 
     def forward(self, h, cos, sin):
-        B, T, C = h.shape
-        q, k, v = (lin(h).view(B, T, self.n_head, self.head_dim).transpose(1, 2) for lin in (self.q, self.k, self.v))
-        s_qk = self.s_qk().view(self.n_head, 1, self.head_dim)
-        # q, k on the unit sphere (after RoPE), so q.k is a cosine; s_qk and the sqrt(d_head)
-        # softmax scale (instead of 1/sqrt(d_head)) give the logits their range back
-        q, k = s_qk * unit(rotary(q, cos, sin)), s_qk * unit(rotary(k, cos, sin))
+        q, k, v = (lin(h).unflatten(-1, (self.n_head, -1)).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        s_qk = self.s_qk().view(self.n_head, 1, self.head_dim)  # unit q and k: q.k is a cosine, rescaled by s_qk
+        q, k = (s_qk * unit(rotary(t, cos, sin)) for t in (q, k))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.head_dim ** 0.5)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(y.transpose(1, 2).flatten(2))
 
 
 class MLP(nn.Module):
-    """SwiGLU; u and v are rescaled by s_uv * sqrt(n_embd) because their inputs are unit vectors
-    (as in NVIDIA/ngpt, both halves get the sqrt(d) factor)."""
+    """SwiGLU whose u and v are rescaled by s_uv * sqrt(n_embd), as its input is a unit vector."""
 
     def __init__(self, n_embd, hidden):
         super().__init__()
-        self.fc = nn.Linear(n_embd, 2 * hidden, bias=False)
-        self.s_uv = Scale(2 * hidden, 1.0, 1.0)
+        self.fc, self.s_uv = nn.Linear(n_embd, 2 * hidden, bias=False), Scale(2 * hidden, 1.0, 1.0)
         self.proj = nn.Linear(hidden, n_embd, bias=False)
 
     def forward(self, h):
@@ -472,15 +405,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """h <- norm(h + |alpha| * (norm(block(h)) - h)): a step from h towards the block's suggestion
-    on the sphere, with a learned per-dimension step size alpha (effective init 0.05)."""
+    """h <- norm(h + |alpha| * (norm(sublayer(h)) - h)): a learned step towards each sublayer's suggestion."""
 
     def __init__(self, n_embd, n_head, hidden):
         super().__init__()
-        self.attn = Attention(n_embd, n_head)
-        self.mlp = MLP(n_embd, hidden)
-        self.alpha_attn = Scale(n_embd, 0.05, n_embd ** -0.5)
-        self.alpha_mlp = Scale(n_embd, 0.05, n_embd ** -0.5)
+        self.attn, self.mlp = Attention(n_embd, n_head), MLP(n_embd, hidden)
+        self.alpha_attn, self.alpha_mlp = (Scale(n_embd, 0.05, n_embd ** -0.5) for _ in range(2))
 
     def forward(self, h, cos, sin):
         h = unit(h + self.alpha_attn().abs() * (unit(self.attn(h, cos, sin)) - h))
@@ -488,8 +418,7 @@ class Block(nn.Module):
 
 
 class NGPT(nn.Module):
-    """No norm layers: embeddings, head rows and every matrix are unit vectors along n_embd
-    (see sphere_params), hidden states live on the sphere, logits are cosines times s_z."""
+    """No norm layers: every matrix holds unit vectors along n_embd, hidden states live on the sphere."""
 
     def __init__(self, vocab_size, n_layer=12, n_embd=768, n_head=6, block_size=1024, mlp_ratio=4):
         super().__init__()
@@ -499,273 +428,205 @@ class NGPT(nn.Module):
         self.blocks = nn.ModuleList(Block(n_embd, n_head, mlp_ratio * n_embd) for _ in range(n_layer))
         self.head = nn.Linear(n_embd, vocab_size, bias=False)
         self.s_z = Scale(vocab_size, 1.0, n_embd ** -0.5)
-        head_dim = n_embd // n_head
-        freqs = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), freqs)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
-        for p, _ in self.sphere_params():
-            nn.init.normal_(p, std=n_embd ** -0.5)
-        self.normalize_()
+        head_dim = n_embd // n_head  # RoPE: the angle of each position and frequency
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float32),
+                             1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("rope", torch.stack([angles.cos(), angles.sin()]), persistent=False)
+        with torch.no_grad():  # normal with std 1/sqrt(n_embd), then onto the sphere
+            for p, dim in self.sphere_params():
+                p.copy_(unit(nn.init.normal_(p, std=n_embd ** -0.5), dim))
 
     def sphere_params(self):
-        """(parameter, dim) for every matrix kept on the sphere. Weights are (out, in): q, k, v, the MLP
-        input, embedding and head rows are unit along n_embd (-1); the attention and MLP output projections
-        map into n_embd, so their columns are (-2)."""
+        """(parameter, dim) of every matrix: unit rows (-1), except the columns (-2) of the output projections."""
         return [(p, -2 if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else -1)
                 for name, p in self.named_parameters() if p.ndim == 2]
 
-    @torch.no_grad()
-    def normalize_(self):
-        for p, dim in self.sphere_params():
-            p.copy_(unit(p, dim))
-
     def forward(self, idx, targets=None):
-        T = idx.size(1)
-        h = self.embed(idx)
+        (cos, sin), h = self.rope[:, :idx.size(1)], self.embed(idx)
         for block in self.blocks:
-            h = block(h, self.cos[:T], self.sin[:T])
-        logits = self.head(h) * self.s_z()
-        if targets is None:
-            return logits, None
-        return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            h = block(h, cos, sin)
+        logits = self.head(h) * self.s_z()  # cosines times s_z
+        return logits, None if targets is None else F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-# -----------------------------------------------------------------------------
-# Optimizer: Muon or Adam on the matrices, always with a sphere retraction
-
+# ---- Optimizer: Muon or Adam on the matrices, always with a sphere retraction
 def make_optimizer(model, cfg):
-    """Hidden matrices normalized along rows and along columns (Muon, or Adam for the paper's
-    baseline); embedding and head (Adam, projected back to the sphere); alphas and scales (Adam,
-    unconstrained). No decay outside the hidden matrices: nGPT uses none."""
+    """Five groups (results/ngpt.md, "Staying on the sphere"): hidden matrices unit along rows and along columns
+    (Muon, or Adam in the paper's baseline), embedding and head (Adam, projected), alphas and scales (Adam)."""
     dims = {id(p): d for p, d in model.sphere_params()}
-    rows = [p for p in model.blocks.parameters() if dims.get(id(p)) == -1]
-    cols = [p for p in model.blocks.parameters() if dims.get(id(p)) == -2]
+    rows, cols = ([p for p in model.blocks.parameters() if dims.get(id(p)) == d] for d in (-1, -2))
     scalars = [p for p in model.parameters() if id(p) not in dims]
-    betas = tuple(float(b) for b in cfg["betas_adam"].split(","))
-    if cfg["optimizer"] == "muon":
-        hidden = dict(use_muon=True, lr=cfg["lr_muon"], momentum=cfg["momentum_muon"],
-                      weight_decay=cfg["weight_decay_muon"], ns_method=cfg["ns_method"], normuon=cfg["normuon"] or None)
-        lr_embed, lr_head, lr_scalar = cfg["lr_embed"], cfg["lr_head"], cfg["lr_scalar"]
-    else:  # the paper's baseline: Adam on every parameter
-        hidden = dict(use_muon=False, lr=cfg["lr_adam"], betas=betas, eps=cfg["eps_adam"],
-                      weight_decay=cfg["weight_decay"])
-        lr_embed = lr_head = lr_scalar = cfg["lr_adam"]
-    on_sphere = dict(sphere=cfg["sphere"], proj_every=cfg["proj_every"], cautious_wd=cfg["cautious_wd"], **hidden)
+    betas, muon = tuple(float(b) for b in cfg["betas_adam"].split(",")), cfg["optimizer"] == "muon"
     adam = dict(use_muon=False, betas=betas, eps=cfg["eps_adam"], weight_decay=0.0)
-    projected = dict(sphere="project", sphere_dim=-1, proj_every=cfg["proj_every"], **adam)
+    hidden = (dict(use_muon=True, lr=cfg["lr_muon"], momentum=cfg["momentum_muon"], ns_method=cfg["ns_method"],
+                   weight_decay=cfg["weight_decay_muon"], normuon=cfg["normuon"] or None) if muon
+              else dict(adam, lr=cfg["lr_adam"], weight_decay=cfg["weight_decay"]))  # the paper's baseline: Adam
+    lr = {k: cfg[f"lr_{k}"] if muon else cfg["lr_adam"] for k in ("embed", "head", "scalar")}
+    on_sphere = dict(hidden, sphere=cfg["sphere"], proj_every=cfg["proj_every"], cautious_wd=cfg["cautious_wd"])
+    projected = dict(adam, sphere="project", sphere_dim=-1, proj_every=cfg["proj_every"])
     groups = [dict(params=rows, name="hidden_rows", sphere_dim=-1, **on_sphere),
               dict(params=cols, name="hidden_cols", sphere_dim=-2, **on_sphere),
-              dict(params=[model.embed.weight], name="embed", lr=lr_embed, **projected),
-              dict(params=[model.head.weight], name="head", lr=lr_head, **projected),
-              dict(params=scalars, name="scalars", lr=lr_scalar, **adam)]
-    return Muon([dict(g, initial_lr=g["lr"]) for g in groups], distributed=False)
+              dict(params=[model.embed.weight], name="embed", lr=lr["embed"], **projected),
+              dict(params=[model.head.weight], name="head", lr=lr["head"], **projected),
+              dict(params=scalars, name="scalars", lr=lr["scalar"], **adam)]
+    return muon_optim.Muon([dict(g, initial_lr=g["lr"]) for g in groups], distributed=False)
 
 
-def lr_factor(step, max_steps, cooldown_frac):
-    """1 until the last cooldown_frac of training, then linear to 0 (no warmup)."""
-    warmdown = int(cooldown_frac * max_steps)
-    if step < max_steps - warmdown:
-        return 1.0
-    return max(0.0, (max_steps - step) / max(1, warmdown))
-
-
-# -----------------------------------------------------------------------------
-# Training
-
+# ---- Training
 @torch.no_grad()
-def evaluate(model, tokens, cfg, device, vocab_map, autocast):
-    """Mean loss over the full batches in the val token slice."""
-    model.eval()
-    B, T, losses = cfg["batch_size"], cfg["block_size"], []
-    for pos in range(0, len(tokens) - B * T, B * T):
-        x, y = batch_at(tokens, pos, B, T, vocab_map)
-        with autocast:
-            losses.append(model(x.to(device), y.to(device))[1].item())
-    model.train()
-    return float(np.mean(losses))
-
-
-def setup_torch(cfg):
-    """(device, autocast): threads, denormals and TF32 set for this machine; bf16 autocast on CUDA."""
-    dev = resolve_device(cfg)
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    torch.set_flush_denormal(True)  # CPU: subnormal floats late in long runs make float math slow; flush them to 0
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return dev, torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+def evaluate(model, batches, autocast):
+    """Mean loss over the fixed val batches (nGPT has no dropout, so no eval mode)."""
+    with autocast:
+        return float(np.mean([model(x, y)[1].item() for x, y in batches]))
 
 
 def run_label(cfg):
     return f"ngpt-{cfg['optimizer']}"
 
 
-def start_wandb(cfg):
-    """A wandb run that gets the numbers metrics.json gets; wandb is imported only when asked for."""
-    try:
-        import wandb
-    except ImportError:
-        raise SystemExit("error: --wandb_log=True needs wandb: pip install wandb (or --wandb_log=False)") from None
-    name = cfg["wandb_run_name"] or f"{run_label(cfg)}-{os.path.basename(os.path.normpath(cfg['out_dir']))}"
-    return wandb.init(project=cfg["wandb_project"], name=name, config=cfg, dir=cfg["out_dir"])
-
-
-def save_run(cfg, step, model, opt, loader_state, metrics, train_time):
-    """metrics.json, and ckpt.pt (unless save_checkpoint=False): everything an exact resume needs, at the
-    start of step `step` (loader_state: where that step's batches start)."""
-    if cfg["save_checkpoint"]:
-        atomic_save(dict(script="train_ngpt.py", step=step, config=cfg, identity=metrics["identity"],
-                         loader=loader_state, rng=rng_state(), metrics=metrics,
-                         runs={run_label(cfg): dict(model=model.state_dict(), optimizer=opt.state_dict(),
-                                                    train_time=train_time)}), os.path.join(cfg["out_dir"], "ckpt.pt"))
-    atomic_write_json(metrics, os.path.join(cfg["out_dir"], "metrics.json"))
-
-
-def resume_from(ckpt_path, cfg, model, opt, loader, metrics):
-    """Load model, optimizer, data position, RNGs and curves from ckpt.pt, whose run identity must equal
-    this run's except for the RESUMABLE settings; returns (step, train_time)."""
-    ckpt = load_checkpoint(ckpt_path, "train_ngpt.py")
-    if "identity" not in ckpt:
-        raise SystemExit(f"error: {ckpt_path} holds no run identity (an older train_ngpt.py wrote it); "
-                         "--resume=False to start over, or another --out_dir")
-    diff = identity_diff(ckpt["identity"], metrics["identity"], may_differ=RESUMABLE)
-    if diff:
-        raise SystemExit(f"error: cannot resume {ckpt_path}: this run differs from the checkpoint's "
-                         f"({'; '.join(diff)}); pass the checkpoint's values, or --resume=False to start over, "
-                         "or another --out_dir")
-    state = ckpt["runs"][run_label(cfg)]
-    model.load_state_dict(state["model"])
-    own = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    opt.load_state_dict(state["optimizer"])  # this also sets each group's options to the checkpoint's:
-    for group, options in zip(opt.param_groups, own):  # the command line's settings win
-        group.update(options)
-    loader.load_state(ckpt["loader"])
-    set_rng_state(ckpt["rng"])
-    metrics["runs"] = ckpt["metrics"]["runs"]
-    return ckpt["step"], state["train_time"]
+def save_run(cfg, step, model, opt, loader_at, metrics, train_time, checkpoint=True):
+    """metrics.json, and ckpt.pt (unless save_checkpoint=False): what the resume in train reads to go on at `step`."""
+    if checkpoint and cfg["save_checkpoint"]:
+        run = dict(model=model.state_dict(), optimizer=opt.state_dict(), train_time=train_time)
+        atomic_save(dict(script="train_ngpt.py", step=step, config=cfg, identity=metrics["identity"], loader=loader_at,
+                         rng=rng_state(), metrics=metrics, runs={run_label(cfg): run}), f"{cfg['out_dir']}/ckpt.pt")
+    atomic_write_json(metrics, f"{cfg['out_dir']}/metrics.json")
 
 
 def train(cfg, progress=True):
-    """Train one nGPT with `cfg` (the constants above as a dict). Returns the metrics, also written to
-    out_dir/metrics.json with loss.png (and ckpt.pt unless save_checkpoint=False); as in train_muon.py,
-    metrics["runs"][label] holds "train" and "val" lists of {step, loss, time, ...}."""
+    """Train one nGPT; returns the metrics (as in train_muon.py), also in out_dir with loss.png and ckpt.pt."""
     check_config(cfg)
-    dev, autocast = setup_torch(cfg)
-    loader, val, vocab_map, vocab_size, data_hash = load_data(cfg)
+    dev = resolve_device(cfg)
+    torch.set_num_threads(cfg["threads"] or torch.get_num_threads())
+    torch.set_flush_denormal(True)  # CPU: subnormal floats late in long runs make float math slow; flush them to 0
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+    loader, val_batches, vocab_size, data_hash = load_data(cfg, dev)
     os.makedirs(cfg["out_dir"], exist_ok=True)
-    ckpt_path, metrics_path = os.path.join(cfg["out_dir"], "ckpt.pt"), os.path.join(cfg["out_dir"], "metrics.json")
     torch.manual_seed(cfg["seed"])
     model = NGPT(vocab_size, cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["block_size"], cfg["mlp_ratio"]).to(dev)
     opt = make_optimizer(model, cfg)
-    label, tokens_per_step = run_label(cfg), cfg["batch_size"] * cfg["block_size"] * cfg["grad_accum_steps"]
-    metrics = dict(config=cfg, identity=run_identity_of(cfg, data_hash),
+    label, accum, max_steps = run_label(cfg), cfg["grad_accum_steps"], cfg["max_steps"]
+    tokens_per_step, cooldown = cfg["batch_size"] * cfg["block_size"] * accum, int(cfg["cooldown_frac"] * max_steps)
+    metrics = dict(config=cfg, identity=run_identity_of(cfg, data_hash), device=str(dev), vocab_size=vocab_size,
                    source_files=[os.path.basename(f) for f in SOURCE_FILES], tokens_per_step=tokens_per_step,
-                   device=str(dev), vocab_size=vocab_size, num_params=sum(p.numel() for p in model.parameters()),
-                   runs={label: dict(train=[], val=[])})
-    step, train_time = resume_from(ckpt_path, cfg, model, opt, loader, metrics) if cfg["resume"] else (0, 0.0)
-    run, first_step = metrics["runs"][label], step  # stop_after_steps counts the steps of this invocation
+                   num_params=sum(p.numel() for p in model.parameters()), runs={label: dict(train=[], val=[])})
+    step, train_time, ckpt_path, updating = 0, 0.0, f"{cfg['out_dir']}/ckpt.pt", False
+    if cfg["resume"]:  # what save_run wrote, if its run identity equals this run's but for RESUMABLE
+        ckpt = load_checkpoint(ckpt_path, "train_ngpt.py")
+        if "identity" not in ckpt:
+            raise SystemExit(f"error: {ckpt_path} holds no run identity (an older train_ngpt.py wrote it); "
+                             "--resume=False to start over, or another --out_dir")
+        diff = identity_diff(ckpt["identity"], metrics["identity"], may_differ=RESUMABLE)
+        if diff:
+            raise SystemExit(f"error: cannot resume {ckpt_path}: this run differs from the checkpoint's "
+                             f"({'; '.join(diff)}); pass the checkpoint's values, or --resume=False to start over, "
+                             "or another --out_dir")
+        state, own = ckpt["runs"][label], [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])  # this also sets each group's options to the checkpoint's:
+        for group, options in zip(opt.param_groups, own):  # the command line's settings win
+            group.update(options)
+        step, train_time, loader.at = ckpt["step"], state["train_time"], ckpt["loader"]
+        metrics["runs"] = ckpt["metrics"]["runs"]
+        set_rng_state(ckpt["rng"])
+    run, first_step, loader_at = metrics["runs"][label], step, loader.at  # loader_at: where step `step`'s batches start
     saved = (f"checkpoint {ckpt_path}; continue with --resume=True" if cfg["save_checkpoint"] else
              "nothing saved to continue from (--save_checkpoint=False)")
     fwd = torch.compile(model) if cfg["compile"] and dev.type == "cuda" else model
-    wandb_run = start_wandb(cfg) if cfg["wandb_log"] else None
-    bar = tqdm(total=cfg["max_steps"], initial=step, disable=not progress, desc=cfg["out_dir"], dynamic_ncols=True)
-    loader_state, updating = loader.state(), False  # where step `step`'s batches start: what a Ctrl-C saves
+    wandb_run = None
+    if cfg["wandb_log"]:  # the numbers metrics.json gets; wandb is imported only when asked for
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: --wandb_log=True needs wandb: pip install wandb (or --wandb_log=False)") from None
+        wandb_run = wandb.init(project=cfg["wandb_project"], config=cfg, dir=cfg["out_dir"], name=cfg["wandb_run_name"]
+                               or f"{label}-{os.path.basename(os.path.normpath(cfg['out_dir']))}")
+    bar = tqdm(total=max_steps, initial=step, disable=not progress, desc=cfg["out_dir"], dynamic_ncols=True)
     try:
         while True:
-            last = step >= cfg["max_steps"]
+            last = step >= max_steps
             if (step % cfg["eval_every"] == 0 or last) and not (run["val"] and run["val"][-1]["step"] == step):
-                loss = evaluate(model, val, cfg, dev, vocab_map, autocast)
+                loss = evaluate(model, val_batches, autocast)
                 run["val"].append(dict(step=step, loss=loss, time=train_time, tokens=step * tokens_per_step))
-                atomic_write_json(metrics, metrics_path)
+                atomic_write_json(metrics, f"{cfg['out_dir']}/metrics.json")
                 if wandb_run:
                     wandb_run.log({f"val/{k}": v for k, v in run["val"][-1].items()}, step=step)
                 bar.set_postfix(val=f"{loss:.3f}")
             if last:
                 break
-            t0 = time.perf_counter()
-            lr_mult = lr_factor(step, cfg["max_steps"], cfg["cooldown_frac"])
+            t0, lr = time.perf_counter(), min(1.0, (max_steps - step) / max(1, cooldown))  # constant, then linear to 0
             for g in opt.param_groups:
-                g["lr"] = g["initial_lr"] * lr_mult
+                g["lr"] = g["initial_lr"] * lr
             loss_sum = torch.zeros((), device=dev)
-            for _ in range(cfg["grad_accum_steps"]):
-                x, y = loader.next_batch()
+            for _ in range(accum):
                 with autocast:
-                    _, loss = fwd(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
-                (loss / cfg["grad_accum_steps"]).backward()
+                    _, loss = fwd(*loader.next_batch())
+                (loss / accum).backward()
                 loss_sum += loss.detach()
-            loss_value = loss_sum.item() / cfg["grad_accum_steps"]
-            if not math.isfinite(loss_value):  # stop before the step: the last checkpoint stays good
+            loss = loss_sum.item() / accum
+            if not math.isfinite(loss):  # stop before the step: the last checkpoint stays good
                 run["diverged"] = True
-                tqdm.write(f"{cfg['out_dir']}: non-finite training loss ({loss_value}) at step {step + 1}; stopping "
-                           "without applying it. Lower the learning rate.")
+                tqdm.write(f"{cfg['out_dir']}: loss {loss} at step {step + 1}, not applied; lower the learning rate")
                 break
             updating = True  # a Ctrl-C inside opt.step would leave a half-updated model: that is not saved
             opt.step()
             opt.zero_grad(set_to_none=True)
-            updating, step, loader_state = False, step + 1, loader.state()  # Ctrl-C from here on saves `step`
+            updating, step, loader_at = False, step + 1, loader.at  # a Ctrl-C from here on saves `step`
             dt = time.perf_counter() - t0
             train_time += dt
-            run["train"].append(dict(step=step, loss=loss_value, lr=lr_mult, tok_s=tokens_per_step / dt,
-                                     time=train_time))
+            run["train"].append(dict(step=step, loss=loss, lr=lr, tok_s=tokens_per_step / dt, time=train_time))
             if wandb_run:
                 wandb_run.log({f"train/{k}": v for k, v in run["train"][-1].items()}, step=step)
             bar.update(1)
-            stop = cfg["stop_after_steps"] and cfg["max_steps"] > step >= first_step + cfg["stop_after_steps"]
+            stop = cfg["stop_after_steps"] and max_steps > step >= first_step + cfg["stop_after_steps"]
             if stop or (cfg["ckpt_every"] and step % cfg["ckpt_every"] == 0):
-                save_run(cfg, step, model, opt, loader_state, metrics, train_time)
+                save_run(cfg, step, model, opt, loader_at, metrics, train_time)
             if stop:
                 tqdm.write(f"stopped at step {step}; {saved}")
                 return metrics
-        vals = [p["loss"] for p in run["val"]]
-        diverged = bool(run.get("diverged"))
+        vals, diverged = [p["loss"] for p in run["val"]], bool(run.get("diverged"))
         run.update(diverged=diverged, final_val_loss=float("nan") if diverged else vals[-1], best_val_loss=min(vals),
                    train_time=train_time, tok_s=step * tokens_per_step / max(train_time, 1e-9))
-        metrics["finished"] = True
-        if diverged:  # no checkpoint of a diverged run: the last one saved stays the good one
-            atomic_write_json(metrics, metrics_path)
-        else:
-            save_run(cfg, step, model, opt, loader.state(), metrics, train_time)
+        metrics["finished"] = True  # a diverged run keeps its last checkpoint: the good one
+        save_run(cfg, step, model, opt, loader_at, metrics, train_time, checkpoint=not diverged)
         if wandb_run:
             wandb_run.summary.update({k: run[k] for k in ("diverged", "final_val_loss", "best_val_loss", "tok_s")})
     except KeyboardInterrupt:
         if not updating:
-            save_run(cfg, step, model, opt, loader_state, metrics, train_time)
+            save_run(cfg, step, model, opt, loader_at, metrics, train_time)
             tqdm.write(f"interrupted at step {step}; {saved}")
         raise
     finally:
         bar.close()
         if wandb_run:
             wandb_run.finish()
-    plot_losses(metrics["runs"], os.path.join(cfg["out_dir"], "loss.png"), f"nGPT ({cfg['optimizer']})")
+    plot_losses(metrics["runs"], f"{cfg['out_dir']}/loss.png", f"nGPT ({cfg['optimizer']})")
     return metrics
 
 
 def plot_losses(runs, path, title):
     """Train (thin) and validation (markers) loss per run against step, and validation loss against time."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing to close
+    fig = Figure(figsize=(12, 4.5))
+    by_step, by_time = fig.subplots(1, 2)
     for i, (label, run) in enumerate(runs.items()):
-        color, val = f"C{i % 10}", run["val"]
-        ax1.plot([p["step"] for p in run["train"]], [p["loss"] for p in run["train"]], color=color, alpha=0.25, lw=0.7)
-        if val:
-            ax1.plot([p["step"] for p in val], [p["loss"] for p in val], "o-", color=color, ms=3,
-                     label=f"{label} (val {val[-1]['loss']:.3f})")
-            ax2.plot([p["time"] for p in val], [p["loss"] for p in val], "o-", color=color, ms=3, label=label)
-    vals = [p["loss"] for r in runs.values() for p in r["val"] if math.isfinite(p["loss"])]
-    if vals:  # zoom on the interesting part: the first eval (ln vocab) dwarfs the rest
-        lo, hi = min(vals), sorted(vals)[len(vals) // 2]
-        ax1.set_ylim(lo - 0.1 * (hi - lo) - 0.05, hi + 0.6 * (hi - lo) + 0.1)
-        ax2.set_ylim(*ax1.get_ylim())
-    ax1.set(xlabel="step", ylabel="loss", title=f"{title}: train (thin) and validation loss")
-    ax2.set(xlabel="training time (s, excluding eval)", ylabel="validation loss", title="validation loss vs time")
-    for ax in (ax1, ax2):
+        train, val, line = run["train"], run["val"], dict(color=f"C{i % 10}", ms=3, marker="o")
+        by_step.plot([p["step"] for p in train], [p["loss"] for p in train], color=line["color"], alpha=0.25, lw=0.7)
+        by_step.plot([p["step"] for p in val], [p["loss"] for p in val], **line,
+                     label=f"{label} (val {val[-1]['loss']:.3f})" if val else label)
+        by_time.plot([p["time"] for p in val], [p["loss"] for p in val], **line, label=label)
+    vals = sorted(p["loss"] for r in runs.values() for p in r["val"] if math.isfinite(p["loss"]))
+    by_step.set(xlabel="step", ylabel="loss", title=f"{title}: train (thin) and validation loss")
+    by_time.set(xlabel="training time (s, excluding eval)", ylabel="validation loss", title="validation loss vs time")
+    for ax in (by_step, by_time):
+        if vals:  # zoom on the interesting part: the first eval (ln vocab) dwarfs the rest
+            lo, hi = vals[0], vals[len(vals) // 2]
+            ax.set_ylim(lo - 0.1 * (hi - lo) - 0.05, hi + 0.6 * (hi - lo) + 0.1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def main(argv):

@@ -288,6 +288,13 @@ def test_a_train_shard_shorter_than_a_batch_stops_before_training(tmp_path, monk
         train_ngpt.train(tiny_cfg(str(tmp_path), tmp_path / "out"), progress=False)
 
 
+def test_a_val_slice_shorter_than_a_batch_stops_before_training(shards, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_ngpt, "make_optimizer", lambda *a: pytest.fail("built an optimizer"))
+    with pytest.raises(SystemExit, match=r"the val slice of --eval_tokens=10 has 11 tokens, fewer than one batch "
+                                         r"\(65\).*raise --eval_tokens"):
+        train_ngpt.train(tiny_cfg(shards, tmp_path / "out", eval_tokens=10), progress=False)
+
+
 def test_missing_shards_is_a_message_naming_data_dir_and_prepare_fineweb(tmp_path):
     with pytest.raises(SystemExit, match=r"no shards matching .* point --data_dir .* `python prepare_fineweb.py`"):
         train_ngpt.main([f"--data_dir={tmp_path}", f"--out_dir={tmp_path}/out"])
@@ -442,7 +449,8 @@ BAD_SETTINGS = [("eval_every", "0"), ("batch_size", "0"), ("grad_accum_steps", "
                 ("stop_after_steps", "-2"), ("threads", "-1"), ("n_head", "3"), ("n_embd", "30"),
                 ("mlp_ratio", "0"), ("cooldown_frac", "1.5"), ("lr_muon", "-0.1"), ("momentum_muon", "1"),
                 ("normuon", "1"), ("eps_adam", "0"), ("vocab_size", "0"), ("optimizer", "sgd"),
-                ("sphere", "flat"), ("ns_method", "newton"), ("device", "gpu"), ("device", "mps")]
+                ("sphere", "flat"), ("ns_method", "newton"), ("device", "gpu"), ("device", "mps"),
+                ("betas_adam", "0.9,1"), ("betas_adam", "x,0.95"), ("vocab_top", "1"), ("weight_decay", "-1")]
 
 
 @pytest.mark.parametrize("name,value", BAD_SETTINGS)
