@@ -3,7 +3,8 @@ bench.py -- what Muon's orthogonalization costs, how good it is, and what it buy
 
     python bench.py                      # the four default sections
     python bench.py --quick=True         # fewer shapes and repeats
-    python bench.py --only=speed,step    # any of: speed, quality, step, showdown, distributed, gpu, gpu_ns, trace
+    python bench.py --only=speed,step    # any of: speed, quality, step, showdown, distributed, gpu, gpu_ns, trace,
+                                         # gpu_step
     python bench.py --only=quality       # after copying muon_optim.py: its compute dtype, error and speed here
     python bench.py --only=trace         # the functions and lines of muon_optim.py one plain update runs
     OMP_NUM_THREADS=1 python bench.py --only=distributed   # DDP-style vs FSDP2 step at 1 and 2 ranks (gloo)
@@ -25,6 +26,8 @@ Sections (each measured in one process, so the ratios inside a table are fair):
             DDP-style all_gather / FSDP2 all_to_all, at 1 and 2 ranks (gloo on CPU, NCCL on GPU)
   gpu       (not in the default list; --gpu=True) tests/test_cuda.py + one table of GPU numbers
   gpu_ns    (not in the default list; --gpu=True) NS5 with the Triton kernels vs torch by size
+  gpu_step  (not in the default list; --gpu=True) the step on GPT-2 small's 48 matrices: eager vs
+            Muon(capturable=True) eager, replayed in a CUDA graph and torch.compile'd, vs its matmul bound
   trace     (not in the default list) the code one plain Muon update runs: functions, their
             definition lines and the distinct lines executed (sys.settrace), against the goals
 Writes out/bench/results.json (sections merge into an existing file), out/bench/results.md
@@ -53,9 +56,9 @@ import muon_optim as mo
 
 # -----------------------------------------------------------------------------
 # settings, each overridable as --name=value
-only = "speed,quality,step,showdown"  # comma list of: speed, quality, step, showdown, distributed, gpu, gpu_ns, trace
+only = "speed,quality,step,showdown"  # comma list of: speed quality step showdown distributed gpu gpu_ns trace gpu_step
 quick = False  # fewer shapes and repeats
-gpu = False  # True: the GPU validation (tests/test_cuda.py + one table; needs CUDA), same as --only=gpu
+gpu = False  # True: the GPU validation (tests/test_cuda.py + tables; needs CUDA), same as --only=gpu,gpu_ns,gpu_step
 threads = 0  # 0: torch's default (all cores)
 repeats = 5  # timed calls per case (fewer when one call takes long, see case_budget_s)
 case_budget_s = 6.0  # rough wall-time budget per timed case on slow devices
@@ -63,7 +66,7 @@ label = ""  # machine label for the tables, e.g. "2-core CPU, shared/noisy"; def
 out_dir = "out/bench"
 seed = 42
 # -----------------------------------------------------------------------------
-SECTIONS = ("speed", "quality", "step", "showdown", "distributed", "gpu", "gpu_ns", "trace")
+SECTIONS = ("speed", "quality", "step", "showdown", "distributed", "gpu", "gpu_ns", "trace", "gpu_step")
 
 
 def parse_overrides(argv, defaults):
@@ -124,7 +127,7 @@ if __name__ in ("__main__", "__mp_main__"):  # __mp_main__: a spawned worker (be
                                                     and isinstance(v, (bool, int, float, str))
                                                     and k in ("only", "quick", "gpu", "threads", "repeats",
                                                               "case_budget_s", "label", "out_dir", "seed")}))
-    only = "gpu,gpu_ns" if gpu else only
+    only = "gpu,gpu_ns,gpu_step" if gpu else only
 wanted = [s.strip() for s in only.split(",") if s.strip()]
 if not wanted or set(wanted) - set(SECTIONS):
     sys.exit(f"--only={only!r}: choose a comma-separated subset of {','.join(SECTIONS)}")
@@ -932,13 +935,84 @@ def bench_gpu_ns():
                 md=md_table(["shape", "torch ms", "Triton ms", "Triton speedup", "muon_optim uses"], rows))
 
 
+def cuda_graph_step(opt, warmup=2):
+    """Muon(capturable=True) in a CUDA graph: eager steps on a side stream (they make the state and pick
+    the kernels), then one captured step; the returned replay() is a step (p.grad must stay the same
+    tensors: copy new gradients into them). The same recipe as tests/test_cuda.py."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    return graph.replay
+
+
+def bench_gpu_step():
+    """One Muon step on all 48 matrices of GPT-2 small (bf16 NS5, default options): the default eager
+    step, Muon(capturable=True) run eagerly (foreach kernels), the same replayed in a CUDA graph, and
+    torch.compile(opt.step) (default and "reduce-overhead" modes); fused AdamW for scale. The matmul bound
+    is the FLOPs of the NS iterations (plain_flops per same-shape batch) / the peak bf16 matmul
+    throughput measured here (8192^3 matmuls). Goal: the captured step <= 1.5x the bound."""
+    if device != "cuda":
+        sys.exit("--only=gpu_step needs a CUDA GPU (torch.cuda.is_available() is False here)")
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [s for _ in range(12) for s in GPT2_LAYERS.values()]
+    weights = [torch.randn(*s, generator=gen).to(device) * 0.02 for s in shapes]
+
+    def params():
+        ps = [torch.nn.Parameter(w.clone()) for w in weights]
+        for p in ps:
+            p.grad = torch.randn_like(p) * 1e-3
+        return ps
+    fns, errors = {"eager (default)": mo.Muon(params()).step,
+                   "capturable=True, eager (foreach)": mo.Muon(params(), capturable=True).step,
+                   "torch.optim.AdamW (fused)": torch.optim.AdamW(params(), fused=True).step}, []
+    makers = {"capturable=True, CUDA graph replay": lambda opt: cuda_graph_step(opt),
+              "capturable=True, torch.compile": lambda opt: torch.compile(opt.step),
+              "capturable=True, torch.compile reduce-overhead": lambda opt: torch.compile(opt.step,
+                                                                                           mode="reduce-overhead")}
+    for name, make in makers.items():
+        try:
+            fn = make(mo.Muon(params(), capturable=True))
+            for _ in range(3):  # compile / capture / warm up
+                fn()
+            fns[name] = fn
+        except Exception as e:  # reported in the table, the other rows still measured
+            errors.append((name, "failed", f"{type(e).__name__}: {str(e)[:200]}"))
+    t = time_interleaved(fns, n_repeats=50, warmup=3)
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    peak = time_interleaved({"matmul": lambda: a @ a}, n_repeats=20)["matmul"]["ms"]
+    peak_flops_per_ms = 2 * 8192 ** 3 / peak
+    counts = {}
+    for s in shapes:
+        counts[tuple(sorted(s))] = counts.get(tuple(sorted(s)), 0) + 1
+    flops = sum(plain_flops(k, m, n) for (m, n), k in counts.items())
+    bound_ms = flops / peak_flops_per_ms
+    rows = [(name, f"{v['ms']:.3f} ms", f"{v['ms'] / bound_ms:.2f}x", f"{v['ms'] / t['eager (default)']['ms']:.2f}x")
+            for name, v in t.items()] + errors
+    captured = [v["ms"] for k, v in t.items() if k.startswith("capturable=True, ") and "eager" not in k]
+    goal = bool(captured) and min(captured) <= 1.5 * bound_ms
+    md = md_table(["step, 48 GPT-2-small matrices", "median", "vs matmul bound", "vs eager"], rows)
+    md += (f"\n\nMatmul bound: {flops / 1e9:.1f} GFLOP of NS5 iterations / {peak_flops_per_ms / 1e9:.0f} TFLOP/s "
+           f"(bf16 8192^3 matmul measured here) = {bound_ms:.3f} ms. Goal: a captured step <= 1.5x the bound: "
+           f"{'met' if goal else 'NOT met'}.")
+    return dict(rows=[list(r) for r in rows], bound_ms=bound_ms, peak_tflops=peak_flops_per_ms / 1e9,
+                ns_gflop=flops / 1e9, goal_met=goal, md=md)
+
+
 RUNNERS = dict(speed=bench_speed, quality=bench_quality, step=bench_step, showdown=bench_showdown,
-               distributed=bench_distributed, gpu=bench_gpu, gpu_ns=bench_gpu_ns, trace=bench_trace)
+               distributed=bench_distributed, gpu=bench_gpu, gpu_ns=bench_gpu_ns, trace=bench_trace,
+               gpu_step=bench_gpu_step)
 TITLES = dict(speed="1. Orthogonalization speed", quality="2. Orthogonalization quality",
               step="3. Optimizer step time (4 GPT-2-small matrices)", showdown="4. Deep-linear-network showdown",
               distributed="5. Distributed optimizer step (DDP-style and FSDP2)", gpu="6. GPU validation",
               gpu_ns="7. NS5 on the GPU: Triton kernels vs torch by size",
-              trace="8. The code one plain Muon update runs (muon_optim.py, traced)")
+              trace="8. The code one plain Muon update runs (muon_optim.py, traced)",
+              gpu_step="9. The Muon step on the GPU: eager vs captured, vs the matmul bound")
 
 if __name__ == "__main__":
     json_path = os.path.join(out_dir, "results.json")

@@ -47,3 +47,13 @@ def test_one_plain_update_runs_few_functions_and_lines(tmp_path):
     assert res["executed_lines"] <= 60
     assert res["class_muon_line"] < 400
     assert res["file_lines"] <= 1150
+
+
+def test_gpu_step_section_says_it_needs_a_gpu(tmp_path):
+    """--only=gpu_step (eager vs captured step, matmul bound) runs only on CUDA; elsewhere one clear line."""
+    import torch
+    if torch.cuda.is_available():
+        import pytest
+        pytest.skip("a GPU is here: bench.py --only=gpu_step measures instead")
+    proc = run_bench(["--only=gpu_step", f"--out_dir={tmp_path}"], tmp_path, timeout=300)
+    assert proc.returncode != 0 and "--only=gpu_step needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]

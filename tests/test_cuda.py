@@ -1,7 +1,7 @@
 """GPU checks, skipped without CUDA: the Triton kernels at real shapes in bf16, our Muon step vs
-torch.optim.Muon on the GPU, a compiled bf16 train_muon.py run at its 124M defaults, a
-train_ngpt.py smoke run, and FSDP2 on one GPU. `python bench.py --gpu=True` runs this file and
-then measures the GPU numbers in one table."""
+torch.optim.Muon on the GPU, Muon(capturable=True) replayed in a CUDA graph vs the eager step, a
+compiled bf16 train_muon.py run at its 124M defaults, a train_ngpt.py smoke run, and FSDP2 on one GPU.
+`python bench.py --gpu=True` runs this file and then measures the GPU numbers in one table."""
 import json
 import os
 import subprocess
@@ -106,6 +106,60 @@ def test_train_muon_124m_compiled_bf16(tmp_path, optimizer):
     losses = [pt["loss"] for pt in train]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 1.0, losses
     assert all(0 < pt["mfu"] < 1 for pt in train[5:]), "MFU missing or out of range (unknown GPU in PEAK_FLOPS?)"
+
+
+def cuda_graph_step(opt, warmup=2):
+    """The recipe for Muon(capturable=True) in a CUDA graph: eager steps on a side stream (they make the
+    state and pick the kernels), then one captured step; replay() is a step. Gradients must stay the same
+    tensors (copy new ones into p.grad)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    return graph.replay
+
+
+@pytest.mark.parametrize("muon", [dict(), dict(normuon=0.95, split=3)], ids=["foreach", "normuon_split"])
+def test_capturable_step_in_a_cuda_graph_equals_eager(muon):
+    """Replaying the captured step equals the default eager step: momentum, weight decay, the
+    orthogonalization (bf16, Triton where it pays) and AdamW's bias corrections from the step count,
+    which the graph bumps in place (a count baked in at capture would be caught here)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(2304, 768), (768, 768), (768, 768), (3072, 768), (768, 3072), (768,)]
+    start = [torch.randn(*s, device="cuda", generator=gen) * 0.02 for s in shapes]
+    graphed, eager = ([torch.nn.Parameter(w.clone()) for w in start] for _ in range(2))
+
+    def build(params, capturable):
+        return M.Muon([dict(params=params[:-1], weight_decay=0.01, **muon),
+                       dict(params=params[-1:], use_muon=False, lr=1e-3)], lr=0.02, capturable=capturable)
+
+    opt_g, opt_e = build(graphed, True), build(eager, False)
+    for p in graphed:
+        p.grad = torch.zeros_like(p)
+
+    def grads(t):
+        g = torch.Generator(device="cuda").manual_seed(100 + t)
+        for p, q in zip(graphed, eager):
+            q.grad = torch.randn(p.shape, device="cuda", generator=g) * 1e-3
+            p.grad.copy_(q.grad)
+
+    grads(0)
+    replay = cuda_graph_step(opt_g, warmup=1)  # one eager step, then the capture (which computes nothing)
+    opt_e.step()
+    for t in range(1, 6):
+        grads(t)
+        replay()
+        opt_e.step()
+    torch.cuda.synchronize()
+    assert opt_g.state[graphed[0]]["step"].item() == 6 and opt_g.state[graphed[-1]]["step"].item() == 6
+    for p, q, w in zip(graphed, eager, start):
+        assert not torch.equal(p, w)  # the replays moved every parameter ...
+        torch.testing.assert_close(p.detach(), q.detach(), atol=1e-4, rtol=0)  # ... as the eager steps did
 
 
 def test_train_ngpt_smoke(tmp_path):

@@ -250,6 +250,72 @@ def mismatch_grad(rank, world, out_dir):
     return {}
 
 
+class SplitNet(torch.nn.Module):
+    """Fused weights for Muon's split: an (18, 6) QKV whose middle block spans the two ranks' rows
+    (9 + 9), and a (24, 6) weight in unequal blocks (5, 9, 10): wide, tall, tall."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, 6)
+        self.qkv = torch.nn.Linear(6, 18, bias=False)
+        self.mixed = torch.nn.Linear(6, 24, bias=False)
+        self.head = torch.nn.Linear(18 + 24, VOCAB)
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        return self.head(torch.cat([torch.tanh(self.qkv(x)), torch.tanh(self.mixed(x))], dim=-1))
+
+
+def split_run(mesh=None, steps=STEPS, start=0, load=None):
+    """SplitNet trained with split groups (NorMuon on, stats): fully_shard'ed on `mesh`, or one plain process;
+    load: a DCP checkpoint to resume from (at step `start`)."""
+    torch.manual_seed(0)
+    model = SplitNet()
+    if mesh is not None:
+        from torch.distributed.fsdp import fully_shard
+        fully_shard(model, mesh=mesh)
+    adam = [model.embed.weight, *model.head.parameters()]
+    opt = M.Muon([dict(params=[model.qkv.weight], split=3, normuon=0.95, weight_decay=0.1, name="qkv"),
+                  dict(params=[model.mixed.weight], split=(5, 9, 10), normuon=0.9, name="mixed"),
+                  dict(params=adam, use_muon=False, lr=3e-3)], lr=0.02, ns_dtype=torch.float32, track_stats=True)
+    if load is not None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        msd, osd = get_state_dict(model, opt)
+        sd = dict(model=msd, optim=osd)
+        dcp.load(sd, checkpoint_id=load)
+        set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    train(model, opt, steps, start=start)
+    return model, opt
+
+
+def split_dcp_save(rank, world, out_dir):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    model, opt = split_run(init_device_mesh("cpu", (world,)), steps=3)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save(dict(model=msd, optim=osd), checkpoint_id=os.path.join(out_dir, "split_ckpt"))
+    return {}
+
+
+def split_dcp_load(rank, world, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    model, _ = split_run(init_device_mesh("cpu", (world,)), steps=3, start=3,
+                         load=os.path.join(out_dir, "split_ckpt"))
+    return dict(params=full_params(model))
+
+
+def fsdp_split(rank, world, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    model, opt = split_run(init_device_mesh("cpu", (world,)))
+    moments = {n: (type(s["second_moment"]).__name__, str(s["second_moment"].placements),
+                   tuple(s["second_moment"].shape)) for n, p in model.named_parameters()
+               for s in [opt.state[p]] if "second_moment" in s}
+    return dict(params=full_params(model), stats=opt.stats(), moments=moments,
+                local_rows=tuple(model.qkv.weight.to_local().shape))
+
+
 def suite(names):
     """Several scenarios in one set of processes (process start-up dominates the run time).
     Scenarios that raise on every rank leave the group usable; they go last anyway."""
@@ -264,8 +330,9 @@ def suite(names):
     return run
 
 
-two_rank_suite = suite(["fsdp_configs", "fsdp_mixed", "dcp_save", "mismatch_order", "mismatch_grad"])
-one_rank_suite = suite(["dcp_load"])
+two_rank_suite = suite(["fsdp_configs", "fsdp_mixed", "fsdp_split", "split_dcp_save", "dcp_save", "mismatch_order",
+                        "mismatch_grad"])
+one_rank_suite = suite(["dcp_load", "fsdp_split", "split_dcp_load"])
 four_rank_suite = suite(["dcp_load", "fsdp_empty_shards", "hsdp"])
 
 
@@ -346,6 +413,28 @@ def test_hsdp_2x2_mesh(four_ranks):
     for got in four_ranks:
         assert_matches(got["hsdp"], ref_model)
     assert four_ranks[0]["hsdp"]["placements"] == "(Replicate(), Shard(dim=0))"
+
+
+def test_split_blocks_spanning_shards_equal_one_process(ckpt_dir, two_ranks):
+    """split under FSDP2: blocks that span two ranks' rows, unequal blocks, NorMuon per block (its
+    statistic one replicated vector per parameter) and stats per block equal one plain process; so does
+    a 1-rank mesh (whole matrices)."""
+    ref_model, ref_opt = split_run()
+    (one,) = spawn("one_rank_suite", 1, ckpt_dir)
+    runs = [got["fsdp_split"] for got in two_ranks] + [one["fsdp_split"]]
+    for got in runs:
+        assert_matches(got, ref_model)
+        assert [(s["group"], s["shape"], s["block"]) for s in got["stats"]] == \
+            [(s["group"], s["shape"], s["block"]) for s in ref_opt.stats()]
+        for s, r in zip(got["stats"], ref_opt.stats()):
+            assert s["update_rms"] == pytest.approx(r["update_rms"], rel=1e-4)
+            assert s["ortho_error"] == pytest.approx(r["ortho_error"], rel=1e-3, abs=1e-5)
+        assert got["moments"]["qkv.weight"][0] == "DTensor" and got["moments"]["qkv.weight"][2] == (18,)
+        assert got["moments"]["mixed.weight"][2] == (6 + 9 + 10,)  # the wide block: a statistic per column
+    assert [got["local_rows"] for got in runs] == [(9, 6), (9, 6), (18, 6)]
+    # DCP: saved by 2 ranks after 3 steps, loaded by 1 rank, 3 more steps: the uninterrupted 6 steps
+    assert all("error" not in got["split_dcp_save"] for got in two_ranks), two_ranks[0]["split_dcp_save"].get("tb")
+    assert_matches(one["split_dcp_load"], ref_model)
 
 
 @pytest.mark.parametrize("scenario, message", [
