@@ -35,7 +35,7 @@ from muon_optim import ORTHOGONALIZERS, Muon, compute_dtype_rule
 
 # -----------------------------------------------------------------------------
 # Constants (nanoGPT style): edit here or override as --name=value
-# data (shards from prepare_fineweb.py)
+# data: shards from prepare_fineweb.py
 data_dir = "data/fineweb_edu"
 train_files = "fineweb_train_*.bin"
 val_files = "fineweb_val_*.bin"
@@ -47,14 +47,13 @@ n_layer = 12
 n_head = 6
 n_embd = 768
 fused_qkv = False  # one (3*n_embd, n_embd) weight qkv per block instead of separate q, k, v
-# batch: batch_size x block_size tokens per micro-step, grad_accum_steps micro-steps per step (divided among ranks)
-batch_size = 8
-grad_accum_steps = 8
+batch_size = 8  # sequences of block_size tokens per micro-step
+grad_accum_steps = 8  # micro-steps per step, divided among the processes
 # optimizers and schedule
 optimizers = "muon"  # comma list of muon / adamw, each optionally :lr (the hidden matrices' lr)
 max_steps = 6000
 warmup_steps = 100  # linear warmup ...
-cooldown_frac = 0.4  # ... constant, then linear cooldown to min_lr_frac over the last 40% (WSD)
+cooldown_frac = 0.4  # ... constant, then linear cooldown to min_lr_frac over the last cooldown_frac of the steps (WSD)
 min_lr_frac = 0.0
 lr_muon = 0.05  # the Muon run: Muon on the hidden matrices ...
 momentum_muon = 0.95
@@ -102,9 +101,7 @@ CODE_FILES = ("train_muon.py", "model_keller.py", "muon_optim.py")  # what a run
 RESUMABLE = ("resume", "stop_after_steps", "eval_every", "log_every", "ckpt_every", "save_checkpoint", "out_dir",
              "data_dir", "threads", "wandb_log", "wandb_project", "wandb_run_name")
 
-# -----------------------------------------------------------------------------
-# Small helpers pasted into each script that needs them (tests/test_consistency.py keeps the copies identical)
-
+# ---- Small helpers pasted into each script that needs them (tests/test_consistency.py keeps the copies identical)
 def parse_overrides(argv, defaults):
     """--name=value overrides of the constants at the top of a script (nanoGPT style).
     Flags are True/False; ints and floats are parsed as numbers (--eval_tokens=1e5 is an int if
@@ -257,9 +254,7 @@ def read_shard(path):
     return np.memmap(path, dtype=np.uint16, mode="r", offset=SHARD_HEADER_INTS * 4, shape=(n,))
 
 
-# -----------------------------------------------------------------------------
-# Settings, checked before anything trains, and a run's identity
-
+# ---- Settings, checked before anything trains
 # (settings, test of the value (value, all settings), what to do): check_settings stops at the first failing row
 CHECKS = (
     (("max_steps", "batch_size", "grad_accum_steps", "block_size", "n_layer", "n_head", "n_embd", "vocab_size",
@@ -332,17 +327,7 @@ def code_hash():
     return source_hash(*(os.path.join(here, f) for f in CODE_FILES))
 
 
-def run_identities(cfg, labels, env, data_hash):
-    """{label: run identity}: every resolved setting but the optimizer list, the run's label, the device type and
-    the compute dtype muon_optim picks there, the code hash and the data fingerprint."""
-    settings = {k: v for k, v in cfg.items() if k != "optimizers"}
-    settings.update(device=env["device_type"], compute_dtype=compute_dtype_rule(env["device"]))
-    return {label: run_identity(dict(settings, run=label), code_hash(), data_hash) for label in labels}
-
-
-# -----------------------------------------------------------------------------
-# Data: llm.c shards, memory-mapped
-
+# ---- Data: llm.c shards, memory-mapped
 def find_shards(data_dir, pattern):
     if not os.path.isdir(data_dir):
         raise SystemExit(f"error: data_dir {data_dir!r} does not exist; create shards with `python prepare_fineweb.py` "
@@ -368,9 +353,8 @@ def build_vocab_map(shards, top):
 
 
 class DataLoader:
-    """The (x, y) micro-batches of one step, read in order. Micro-step i of rank r reads window i * world + r of
-    B*T (+1) tokens, so ranks read disjoint data and (world, accum) pairs of one product read the same step. A step
-    that does not fit the rest of a shard starts the next (wrapping); (shard, pos) is the position to resume."""
+    """Each step's (x, y) micro-batches, in order: micro-step i of rank r reads window i * world + r, so ranks read
+    disjoint data. A step that does not fit the rest of a shard starts the next; (shard, pos) is where to resume."""
 
     def __init__(self, files, B, T, rank=0, world=1, accum=1, vocab_map=None):
         self.shards, self.vocab_map = [read_shard(f) for f in files], vocab_map
@@ -384,17 +368,18 @@ class DataLoader:
 
     def next_batches(self):
         """accum (x, y) pairs of shape (B, T) for this rank's share of the next step."""
-        B, T = self.B, self.T
         while self.pos + self.span + 1 > len(self.shards[self.shard]):
             self.shard, self.pos = (self.shard + 1) % len(self.shards), 0
-        batches = []
-        for i in range(self.accum):
-            start = self.pos + (i * self.world + self.rank) * B * T
-            buf = self.shards[self.shard][start:start + B * T + 1].astype(np.int64)
-            buf = torch.from_numpy(self.vocab_map[buf] if self.vocab_map is not None else buf)
-            batches.append((buf[:-1].view(B, T), buf[1:].view(B, T)))
+        starts = [self.pos + (i * self.world + self.rank) * self.B * self.T for i in range(self.accum)]
         self.pos += self.span
-        return batches
+        return [batch(self.shards[self.shard], start, self.B, self.T, self.vocab_map) for start in starts]
+
+
+def batch(tokens, start, B, T, vocab_map=None):
+    """(x, y) of shape (B, T): B*T tokens from `start` and, shifted by one, the tokens that follow them."""
+    buf = np.asarray(tokens[start:start + B * T + 1], dtype=np.int64)
+    buf = torch.from_numpy(vocab_map[buf] if vocab_map is not None else buf)
+    return buf[:-1].view(B, T), buf[1:].view(B, T)
 
 
 def load_data(cfg, files, val_file, world, vocab_map=None):
@@ -419,9 +404,7 @@ def load_data(cfg, files, val_file, world, vocab_map=None):
     return vocab_map, val
 
 
-# -----------------------------------------------------------------------------
-# Schedules: pure functions of the step
-
+# ---- Schedules: pure functions of the step
 def lr_multiplier(step, max_steps, warmup_steps, cooldown_frac, min_lr_frac=0.0):
     """WSD: linear warmup to 1, constant, then linear decay to min_lr_frac over the last cooldown_frac."""
     if step < warmup_steps:
@@ -436,15 +419,10 @@ def muon_momentum_at(step, warmup, final=0.95, start=0.85):
     return final if warmup <= 0 else start + (final - start) * min(step / warmup, 1.0)
 
 
-# -----------------------------------------------------------------------------
-# Model, optimizer, distributed setup
-
+# ---- Model, optimizer, distributed setup
 def make_optimizer(name, model, cfg, lr=None):
-    """Both runs give the head, the embedding and < 2D parameters Adam groups (lr_head, lr_embed, lr_scalar;
-    betas_adam, eps_adam, no weight decay); the hidden matrices (>= 2D, inside the blocks) get Muon (one
-    muon_optim.Muon with use_muon groups) or AdamW (lr_adamw, betas_adamw, eps_adamw, weight_decay): the runs
-    differ only there. adamw_groups=one_lr: AdamW at lr_adamw on every parameter, weight decay on every matrix.
-    `lr` overrides the hidden matrices' lr (--optimizers=muon:0.03)."""
+    """Muon or AdamW on the hidden matrices (>= 2D, in the blocks), the same Adam groups on the head, the embedding
+    and < 2D parameters (one_lr: AdamW on all); `lr` overrides the hidden matrices' lr. See results/lm.md."""
     params = dict(model.named_parameters())
     adamw = dict(lr=lr or cfg["lr_adamw"], betas=parse_betas(cfg["betas_adamw"], "betas_adamw"), eps=cfg["eps_adamw"])
     if name == "adamw" and cfg["adamw_groups"] == "one_lr":
@@ -491,9 +469,8 @@ def setup_distributed(cfg):
 
 
 def build_run(name, lr, cfg, env):
-    """The model (seeded: the same initial weights for every run), its optimizer, and the module that runs the
-    forward pass (compiled, then DDP-wrapped, as in nanoGPT). FSDP shards each block, then the root (bf16
-    compute and fp32 gradient reduction on CUDA; fp32 on CPU)."""
+    """The model (seeded: every run starts from the same weights; FSDP: each block sharded, then the root), its
+    optimizer, and the module that runs the training forward pass (compiled, then DDP-wrapped, as in nanoGPT)."""
     torch.manual_seed(cfg["seed"])
     model = GPT(GPTConfig(**{k: cfg[k] for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd",
                                                   "fused_qkv")})).to(env["device"])
@@ -523,9 +500,7 @@ def any_rank(flag, env):
     return bool(t.item())
 
 
-# -----------------------------------------------------------------------------
-# Checkpoints: one per run in out_dir/ckpt/, atomic
-
+# ---- Checkpoints: one per run in out_dir/ckpt/, atomic
 def checkpoint_path(out, label, use_fsdp):
     """out/ckpt/<run>.pt, or under FSDP a torch.distributed.checkpoint directory out/ckpt/<run>/ (meta.pt inside)."""
     return os.path.join(out, "ckpt", label.replace(":", "_") + ("" if use_fsdp else ".pt"))
@@ -543,9 +518,8 @@ def find_checkpoint(path, use_fsdp):
 
 
 def write_checkpoint(path, meta, model, optimizer, env):
-    """One process / DDP: rank 0 saves one file (temp, then rename). FSDP: every rank writes its shards with
-    dcp.save into path.tmp, rank 0 adds meta.pt and swaps the directory into place (finishing first a swap that
-    a crash interrupted): at every moment find_checkpoint finds a whole checkpoint."""
+    """One process / DDP: rank 0 saves one file. FSDP: every rank's shards go into path.tmp, rank 0 adds meta.pt and
+    swaps it into place (first finishing a swap a crash interrupted): find_checkpoint always finds a whole one."""
     if not env["fsdp"]:
         if env["master"]:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -559,8 +533,7 @@ def write_checkpoint(path, meta, model, optimizer, env):
         if os.path.exists(path):
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save(dict(model=model_state, optimizer=optim_state), checkpoint_id=tmp)
+    dcp.save(dict(zip(("model", "optimizer"), get_state_dict(model, optimizer))), checkpoint_id=tmp)
     if env["master"]:
         atomic_save(meta, meta_file(tmp, True))
         if os.path.exists(path):
@@ -571,13 +544,11 @@ def write_checkpoint(path, meta, model, optimizer, env):
 
 
 def read_checkpoint(path, meta, model, optimizer, env):
-    """Load a run's checkpoint (meta: what resume_point read) into model and optimizer. torch's load_state_dict
-    restores the param-group options saved in the checkpoint: this run's own are put back, so the command line
-    wins. FSDP checkpoints reshard on load (saved on N ranks, resumed on M)."""
+    """Load what write_checkpoint wrote (meta: what resume_point read; FSDP reshards from any number of ranks).
+    load_state_dict restores the saved param-group options: this run's are put back, so the command line wins."""
     configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     if env["fsdp"]:
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = dict(model=model_state, optimizer=optim_state)
+        state = dict(zip(("model", "optimizer"), get_state_dict(model, optimizer)))
         dcp.load(state, checkpoint_id=path)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     else:
@@ -608,9 +579,7 @@ def resume_point(label, identity, cfg):
     return path, meta
 
 
-# -----------------------------------------------------------------------------
-# Evaluation, logging, stopping
-
+# ---- Evaluation, the plot, stop requests
 def evaluate(model, val_tokens, B, T, env, autocast):
     """Mean loss over the fixed val slice, its B*T windows split among ranks. Under FSDP every rank runs as many
     forward passes as the others (each all-gathers weights): a rank short of one runs an uncounted padding one."""
@@ -620,11 +589,9 @@ def evaluate(model, val_tokens, B, T, env, autocast):
     model.eval()
     with torch.no_grad():
         for i in range(env["rank"], rounds, env["world"]):
-            j = i if i < n_batches else 0
-            buf = torch.from_numpy(np.asarray(val_tokens[j * B * T:(j + 1) * B * T + 1], dtype=np.int64))
-            buf = buf.to(env["device"])
+            x, y = batch(val_tokens, (i if i < n_batches else 0) * B * T, B, T)
             with autocast:
-                loss = model(buf[:-1].view(B, T), buf[1:].view(B, T)).item()
+                loss = model(x.to(env["device"]), y.to(env["device"])).item()
             total += torch.tensor([loss, 1.0], dtype=torch.float64, device=env["device"]) * (i < n_batches)
     model.train()
     if env["world"] > 1:
@@ -632,23 +599,14 @@ def evaluate(model, val_tokens, B, T, env, autocast):
     return (total[0] / total[1]).item()
 
 
-def start_wandb(cfg, label, run_id=None):
-    """A wandb run for one training run (wandb is imported only here); a resumed run continues its own (same id)."""
-    import wandb
-    name = f"{cfg['wandb_run_name'] or os.path.basename(os.path.normpath(cfg['out_dir']))}-{label}"
-    return wandb.init(project=cfg["wandb_project"], name=name, id=run_id, resume="allow", config=dict(cfg, run=label),
-                      dir=cfg["out_dir"])
-
-
 def save_metrics(metrics, out):
     """metrics.json, and loss.png: per run the train loss (thin, smoothed) and the val loss against step and time."""
     atomic_write_json(metrics, os.path.join(out, "metrics.json"))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing to close
+    fig = Figure(figsize=(11, 4))
+    ax1, ax2 = fig.subplots(1, 2)
     for i, (label, run) in enumerate(metrics["runs"].items()):
-        if run["train"]:  # moving average over ~2% of the run: per-step losses of small batches are noisy
+        if run["train"]:  # moving average: per-step losses of small batches are noisy
             k = max(1, len(run["train"]) // 50)
             smooth = np.convolve([p["loss"] for p in run["train"]], np.ones(k) / k, mode="valid")
             ax1.plot([p["step"] for p in run["train"]][k - 1:], smooth, color=f"C{i}", alpha=0.35, lw=0.8)
@@ -664,7 +622,6 @@ def save_metrics(metrics, out):
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "loss.png"), dpi=80)
-    plt.close(fig)
 
 
 class StopRequest:
@@ -689,46 +646,40 @@ class StopRequest:
             signal.signal(sig, old)
 
 
-# -----------------------------------------------------------------------------
-# Training
-
-def start_run(label, name, lr, cfg, env, data, metrics):
-    """(model, optimizer, forward module, loader, the run's metrics, checkpoint meta or {}): from the shared initial
-    weights, or where the run's checkpoint left off (weights, optimizer, data position, RNG, the metrics so far)."""
+# ---- Training
+def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
+    """Train one run to max_steps, from the shared initial weights or where its checkpoint left off (weights,
+    optimizer, data position, RNG, the metrics so far). Returns (steps trained here, status): "finished";
+    "stopped" after `budget` steps of this invocation or on Ctrl-C / SIGTERM, checkpointed; "diverged" on a
+    non-finite loss or weights, that state unsaved (the last good checkpoint stays)."""
     model, optimizer, fwd = build_run(name, lr, cfg, env)
-    B, T, world, accum = cfg["batch_size"], cfg["block_size"], env["world"], cfg["grad_accum_steps"] // env["world"]
+    B, T, world, device, master = cfg["batch_size"], cfg["block_size"], env["world"], env["device"], env["master"]
+    accum, tokens_per_step, max_steps = cfg["grad_accum_steps"] // world, metrics["tokens_per_step"], cfg["max_steps"]
     loader = DataLoader(data["files"], B, T, env["rank"], world, accum, data["vocab_map"])
     run = metrics["runs"][label] = dict(identity=data["identities"][label], status="training", train=[], val=[])
-    path, meta = data["resume"].get(label, (None, {}))
+    resumed_from, meta = data["resume"].get(label, (None, {}))
     if meta:
-        read_checkpoint(path, meta, model, optimizer, env)
+        read_checkpoint(resumed_from, meta, model, optimizer, env)
         loader.shard, loader.pos = meta["loader"]["shard"], meta["loader"]["pos"]
         set_rng_state(meta["rng"])
         run.update(meta["run_metrics"], identity=run["identity"], status="training")
     metrics["num_params"] = model.num_params()
-    if env["master"]:
-        print(f"{label}: {model.num_params() / 1e6:.1f}M parameters, {metrics['tokens_per_step']:,} tokens/step "
-              f"({world} x {accum} x {B} x {T}), device {env['device']}{', FSDP' if env['fsdp'] else ''}"
-              + (f", resumed from {path} at step {meta['step']}" if meta else ""))
-    return model, optimizer, fwd, loader, run, meta
-
-
-def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
-    """Train one run to max_steps (start_run: fresh or resumed). Returns (steps trained here, status): "finished";
-    "stopped" after `budget` steps of this invocation or on Ctrl-C / SIGTERM, checkpointed; "diverged" on a
-    non-finite loss or weights, that state unsaved (the last good checkpoint stays). Reads top to bottom, like
-    nanoGPT's train.py."""
-    model, optimizer, fwd, loader, run, meta = start_run(label, name, lr, cfg, env, data, metrics)
-    B, T, world, device, master = cfg["batch_size"], cfg["block_size"], env["world"], env["device"], env["master"]
-    accum, tokens_per_step = cfg["grad_accum_steps"] // world, metrics["tokens_per_step"]
+    if master:
+        print(f"{label}: {model.num_params() / 1e6:.1f}M parameters, {tokens_per_step:,} tokens/step "
+              f"({world} x {accum} x {B} x {T}), device {device}{', FSDP' if env['fsdp'] else ''}"
+              + (f", resumed from {resumed_from} at step {meta['step']}" if meta else ""))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if env["device_type"] == "cuda" else nullcontext()
     path = checkpoint_path(cfg["out_dir"], label, env["fsdp"])
     step, train_time, last_good, trained = meta.get("step", 0), meta.get("train_time", 0.0), meta.get("step"), 0
-    wb = start_wandb(cfg, label, meta.get("wandb_id")) if master and cfg["wandb_log"] else None
+    wb = None
+    if master and cfg["wandb_log"]:  # wandb is imported only when asked for; a resumed run continues its own
+        import wandb
+        wb = wandb.init(project=cfg["wandb_project"], id=meta.get("wandb_id"), resume="allow", dir=cfg["out_dir"],
+                        name=f"{cfg['wandb_run_name'] or os.path.basename(os.path.normpath(cfg['out_dir']))}-{label}",
+                        config=dict(cfg, run=label))
 
     def checkpoint(status):
-        """Save the run (unless --save_checkpoint=False); False, saving nothing, if a weight is not finite (the
-        loss was measured before the update; every rank checks its local shards)."""
+        """Save the run (unless --save_checkpoint=False); False, saving nothing, if a weight is not finite."""
         local = (p.to_local() if hasattr(p, "to_local") else p for p in model.parameters())
         if any_rank(not all(torch.isfinite(p).all() for p in local), env):
             return False
@@ -742,41 +693,22 @@ def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
                 wandb_id=wb.id if wb else meta.get("wandb_id")), model, optimizer, env)
         return True
 
-    def end(status, what="weights"):
-        """Close the run as finished or stopped (checkpointed; diverged if a weight is not finite) or diverged."""
-        if status != "diverged" and not checkpoint(status):
-            status = "diverged"
-        run["status"] = status
-        if master:
-            save_metrics(metrics, cfg["out_dir"])
-            if status == "diverged":
-                kept = (f"the last good checkpoint ({path}, step {last_good}) is kept" if last_good else
-                        "none was saved before")
-                print(f"error: non-finite {what} in run {label!r} at step {step}; stopping without saving this state, "
-                      f"{kept}. Lower the learning rate, add warmup (--warmup_steps) or set --grad_clip=1.0, and "
-                      f"start over with --resume=False", file=sys.stderr)
-            elif status == "stopped":
-                tqdm.write(f"{label}: stopped at step {step}; " + (
-                    f"checkpoint {path}; continue with --resume=True" if cfg["save_checkpoint"] else
-                    "no checkpoint (--save_checkpoint=False): a rerun starts this run over"))
-        return trained, status
-
-    def log_eval():
-        loss = evaluate(model, data["val_tokens"], B, T, env, autocast)
-        run["val"].append(dict(step=step, loss=loss, time=train_time, tokens=step * tokens_per_step))
-        if wb:
-            wb.log(dict(val_loss=loss, time=train_time, tokens=step * tokens_per_step), step=step)
-        if master:
-            tqdm.write(f"step {step:5d} | {label:>12} | val loss {loss:.4f}")
-            save_metrics(metrics, cfg["out_dir"])
-
-    bar = tqdm(total=cfg["max_steps"], initial=step, desc=label, disable=not master, dynamic_ncols=True)
+    bar = tqdm(total=max_steps, initial=step, desc=label, disable=not master, dynamic_ncols=True)
+    status, what = "training", "weights"  # what: the non-finite thing if the run diverges
     try:
-        while step < cfg["max_steps"]:
-            if step % cfg["eval_every"] == 0:
-                log_eval()
-            lr_mult = lr_multiplier(step, cfg["max_steps"], cfg["warmup_steps"], cfg["cooldown_frac"],
-                                    cfg["min_lr_frac"])
+        while status == "training":
+            if step % cfg["eval_every"] == 0 or step == max_steps:
+                loss = evaluate(model, data["val_tokens"], B, T, env, autocast)
+                run["val"].append(dict(step=step, loss=loss, time=train_time, tokens=step * tokens_per_step))
+                if wb:
+                    wb.log(dict(val_loss=loss, time=train_time, tokens=step * tokens_per_step), step=step)
+                if master:
+                    tqdm.write(f"step {step:5d} | {label:>12} | val loss {loss:.4f}")
+                    save_metrics(metrics, cfg["out_dir"])
+            if step == max_steps:
+                status = "finished"
+                break
+            lr_mult = lr_multiplier(step, max_steps, cfg["warmup_steps"], cfg["cooldown_frac"], cfg["min_lr_frac"])
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * lr_mult
                 if group.get("use_muon"):
@@ -801,7 +733,8 @@ def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
             dt = time.perf_counter() - t0
             train_time, step, trained = train_time + dt, step + 1, trained + 1
             if not math.isfinite(loss_value):
-                return end("diverged", f"training loss ({loss_value})")
+                status, what = "diverged", f"training loss ({loss_value})"
+                break
             mfu = model.estimate_mfu(tokens_per_step / world, dt, seq_len=T) if env["device_type"] == "cuda" else None
             point = dict(step=step, loss=loss_value, lr=lr_mult, tok_s=tokens_per_step / dt, time=train_time)
             run["train"].append(point if mfu is None else dict(point, mfu=mfu))  # MFU: CUDA with a known peak
@@ -811,14 +744,29 @@ def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
                 tqdm.write(f"step {step:5d} | {label:>12} | loss {loss_value:.4f} | lr x{lr_mult:.3f} | "
                            f"{tokens_per_step / dt:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
             bar.update(1)
-            if step < cfg["max_steps"] and any_rank(stop.signal or trained >= budget, env):
-                return end("stopped")
-            if cfg["ckpt_every"] and step % cfg["ckpt_every"] == 0:
+            if step < max_steps and any_rank(stop.signal or trained >= budget, env):
+                status = "stopped"
+            elif cfg["ckpt_every"] and step % cfg["ckpt_every"] == 0:
                 if not checkpoint("training"):
-                    return end("diverged")
-                last_good = step if cfg["save_checkpoint"] else last_good
-        log_eval()
-        return end("finished")
+                    status = "diverged"
+                elif cfg["save_checkpoint"]:
+                    last_good = step
+        if status != "diverged" and not checkpoint(status):  # finished or stopped: checkpointed
+            status = "diverged"
+        run["status"] = status
+        if master:
+            save_metrics(metrics, cfg["out_dir"])
+        if master and status == "diverged":
+            kept = (f"the last good checkpoint ({path}, step {last_good}) is kept" if last_good else
+                    "none was saved before")
+            print(f"error: non-finite {what} in run {label!r} at step {step}; stopping without saving this state, "
+                  f"{kept}. Lower the learning rate, add warmup (--warmup_steps) or set --grad_clip=1.0, and "
+                  f"start over with --resume=False", file=sys.stderr)
+        elif master and status == "stopped":
+            tqdm.write(f"{label}: stopped at step {step}; " + (
+                f"checkpoint {path}; continue with --resume=True" if cfg["save_checkpoint"] else
+                "no checkpoint (--save_checkpoint=False): a rerun starts this run over"))
+        return trained, status
     finally:
         bar.close()
         if wb:
@@ -826,10 +774,8 @@ def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
 
 
 def train(cfg):
-    """Check every setting, find the data and the checkpoints (resume: only of the same run identity), then
-    train the runs of cfg['optimizers'] one after another (same initial weights, same batches in the same
-    order) until the step budget or a stop request ends this invocation. Returns the metrics dict (also in
-    out_dir/metrics.json: each run's status, and stopped_by); exit_status(metrics) is the exit status."""
+    """Check every setting, find the data and the checkpoints, then train the runs of cfg['optimizers'] one after
+    another until they finish or this invocation stops. Returns the metrics (also in out_dir/metrics.json)."""
     runs = check_settings(cfg)
     own_group = not dist.is_initialized()
     env = setup_distributed(cfg)
@@ -840,14 +786,18 @@ def train(cfg):
         torch.set_flush_denormal(True)  # CPU: subnormal floats late in long runs slow float math; flush them to 0
         files, (val_file, *_) = (find_shards(cfg["data_dir"], cfg[k]) for k in ("train_files", "val_files"))
         cfg = dict(cfg, vocab_size=cfg["vocab_top"] or cfg["vocab_size"])
-        identities = run_identities(cfg, [label for _, _, label in runs], env, data_fingerprint(files + [val_file]))
+        # a run's identity: the resolved settings (its label for the optimizer list), the compute dtype, code and data
+        settings = dict({k: v for k, v in cfg.items() if k != "optimizers"}, device=env["device_type"],
+                        compute_dtype=compute_dtype_rule(env["device"]))
+        code, data_hash = code_hash(), data_fingerprint(files + [val_file])
+        identities = {label: run_identity(dict(settings, run=label), code, data_hash) for _, _, label in runs}
         resume = {label: resume_point(label, identities[label], cfg) for label in identities} if cfg["resume"] else {}
         if cfg["resume"] and not any(meta for _, meta in resume.values()):  # stops with "no checkpoint at ..."
             load_checkpoint(meta_file(checkpoint_path(cfg["out_dir"], runs[0][2], cfg["fsdp"]), cfg["fsdp"]), SCRIPT)
         saved = next((meta for _, meta in resume.values() if meta), {})
         vocab_map, val_tokens = load_data(cfg, files, val_file, env["world"], saved.get("vocab_map"))
         data = dict(files=files, vocab_map=vocab_map, val_tokens=val_tokens, resume=resume, identities=identities)
-        metrics = dict(config=cfg, code=code_hash(), tokens_per_step=cfg["batch_size"] * cfg["block_size"] *
+        metrics = dict(config=cfg, code=code, tokens_per_step=cfg["batch_size"] * cfg["block_size"] *
                        cfg["grad_accum_steps"], world_size=env["world"], device=env["device"], runs={})
         os.makedirs(cfg["out_dir"], exist_ok=True)
         budget = cfg["stop_after_steps"] or math.inf  # steps left in this invocation, all runs together
@@ -881,8 +831,7 @@ def train(cfg):
 
 
 def exit_status(metrics):
-    """3 if a run diverged; 130 / 143 if Ctrl-C / SIGTERM stopped a run (checkpointed); else 0 (every run
-    finished, or stop_after_steps stopped one)."""
+    """3 if a run diverged; 130 / 143 if Ctrl-C / SIGTERM stopped a run; else 0 (finished, or stop_after_steps)."""
     if any(run["status"] == "diverged" for run in metrics["runs"].values()):
         return 3
     return 128 + signal.Signals[metrics["stopped_by"]] if metrics["stopped_by"] else 0
