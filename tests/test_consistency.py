@@ -1,6 +1,7 @@
 """The small helpers pasted into several scripts (parse_overrides, atomic_save, read_shard, ...) are
 copies by design, so each file stays standalone; this test keeps the copies identical."""
 import ast
+import functools
 import os
 
 import pytest
@@ -13,6 +14,7 @@ PASTED = ["parse_overrides", "atomic_save", "atomic_write_json", "load_checkpoin
           "identity_diff", "build_vocab_map", "parse_grid", "bootstrap_ci"]
 
 
+@functools.lru_cache(maxsize=None)
 def top_level(path):
     """{name: source} of the module's top-level functions and constant assignments."""
     with open(path) as f:
