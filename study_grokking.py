@@ -72,8 +72,8 @@ NOT_TUNABLE = ("p", "train_frac", "max_steps", "eval_every", "threshold", "stop_
 
 def trainer_declarations(path=CODE_FILES[0]):
     """What train_grokking.py declares at its top, read from its source (this study never imports it):
-    its settings with their defaults, the task names and NOT_RUN_SETTINGS, MUON_ONLY, LR_KEY, so that the
-    study types, checks and identifies runs exactly as the trainer does."""
+    its settings with their defaults, the task names and NOT_RUN_SETTINGS, MUON_ONLY, ADAMW_ONLY, LR_KEY, so
+    that the study types, checks and identifies runs exactly as the trainer does."""
     with open(path) as f:
         tree = ast.parse(f.read())
     found = {}
@@ -92,8 +92,8 @@ def trainer_declarations(path=CODE_FILES[0]):
 
 TRAINER = trainer_declarations()
 TRAINER_SETTINGS = {k: v for k, v in TRAINER.items() if k.islower() and isinstance(v, (int, float, bool, str))}
-TASK_NAMES, NOT_RUN_SETTINGS, MUON_ONLY, LR_KEY = (TRAINER[k] for k in ("TASKS", "NOT_RUN_SETTINGS", "MUON_ONLY",
-                                                                         "LR_KEY"))
+TASK_NAMES, NOT_RUN_SETTINGS, MUON_ONLY, ADAMW_ONLY, LR_KEY = (
+    TRAINER[k] for k in ("TASKS", "NOT_RUN_SETTINGS", "MUON_ONLY", "ADAMW_ONLY", "LR_KEY"))
 CONFIG = {**{k: globals()[k] for k in STUDY_KEYS}, **{k: v for k, v in TRAINER_SETTINGS.items()
                                                        if k not in PER_RUN and k not in STUDY_KEYS}}
 
@@ -227,7 +227,8 @@ def check_settings(cfg):
     except ValueError:
         betas = []
     rules = [*((k, cfg[k] >= low, f"must be >= {low}") for k, low in minimum.items()),
-             *((k, cfg[k] > 0, "must be > 0") for k in ("lr_adamw", "lr_muon", "lr_muon_aux", "eps_adamw")),
+             *((k, cfg[k] > 0, "must be > 0") for k in ("lr_adamw", "lr_adamw_aux", "lr_muon", "lr_muon_aux",
+                                                        "eps_adamw")),
              *((k, 0 <= cfg[k] < 1, "must be in [0, 1), e.g. 0.85 (normuon: 0.0 is off)") for k in
                ("momentum_muon", "normuon")),
              ("train_frac", 0 < cfg["train_frac"] < 1, "must be strictly between 0 and 1, e.g. 0.5"),
@@ -265,7 +266,7 @@ def tuning_axes(text, opt_name):
     (NOT_TUNABLE); the LR is lr_adamw for adamw and lr_muon for muon."""
     flag = f"tune_grid_{opt_name}"
     allowed = [k for k in TRAINER_SETTINGS if (k not in NOT_RUN_SETTINGS or k == LR_KEY[opt_name])
-               and k not in NOT_TUNABLE and not (opt_name == "adamw" and k in MUON_ONLY)]
+               and k not in NOT_TUNABLE and k not in (MUON_ONLY if opt_name == "adamw" else ADAMW_ONLY)]
     axes = []
     for names, values in parse_grid(text, flag):
         for name in names:
@@ -395,10 +396,10 @@ def run_name(task_name, opt_name, lr, seed, extra=()):
 
 def wanted_identity(cfg, spec, code):
     """The run identity train_grokking.py will record for this spec (its run_settings, from the
-    declarations it makes: NOT_RUN_SETTINGS, MUON_ONLY), so a finished run is reused without starting it."""
+    declarations it makes: NOT_RUN_SETTINGS, MUON_ONLY, ADAMW_ONLY), so a finished run is reused without starting it."""
     t, o, lr, seed, _, extra = spec
     run = {**{k: cfg[k] for k in TRAINER_SETTINGS if k not in PER_RUN}, **dict(extra), LR_KEY[o]: lr}
-    skip = NOT_RUN_SETTINGS + (MUON_ONLY if o == "adamw" else ())
+    skip = NOT_RUN_SETTINGS + (MUON_ONLY if o == "adamw" else ADAMW_ONLY)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"]
     settings = dict({k: v for k, v in run.items() if k not in skip}, task=t, optimizer=o, lr=lr, seed=seed,
                     compute_dtype=muon_optim.compute_dtype_rule(device))

@@ -2,6 +2,8 @@
 train_grokking.py -- grokking on modular arithmetic: AdamW vs Muon on one task and one seed, from the
 same initialization and the same batches. `python train_grokking.py`: div mod 97, both optimizers.
 
+The defaults are each optimizer's winner of the fair study on div (tuned on seed 100, results/grokking.md), so
+the printed ratio is tuned against tuned; the run says whether its settings are still those defaults.
 A run trains until validation accuracy reaches `threshold` (it has "grokked") or `max_steps`; a run
 that never groks is censored at max_steps. Outputs in out_dir: results.json, runs/<run>.json (record,
 run identity, curves), ckpt/<run>.pt (model, optimizer, step; also on Ctrl-C), grokking.png. Studies
@@ -39,18 +41,22 @@ stop_on_grok = True  # end a run at its grok step (saves compute in studies)
 give_up_at = 500  # a run whose train accuracy is still below max(10%, 2/p) at this step has stalled (seen:
 # AdamW at lr >= 2e-2, or wd >= 3 at lr 1e-2, batch 1024): it stops, censored at max_steps. 0: never give up
 warmup_steps = 10  # linear LR warmup, as in Power et al.
-# the AdamW run: AdamW on every parameter (Power et al.: lr 1e-3, betas (0.9, 0.98), wd 1)
-lr_adamw = 3e-3
-betas_adamw = "0.9,0.98"  # also for the Muon run's AdamW groups
+# the AdamW run: AdamW on every parameter, the hidden matrices at lr_adamw, the rest at lr_adamw_aux (the Muon
+# run's AdamW groups, with their own lr_muon_aux): the two runs differ only in the hidden matrices' optimizer.
+# The lr and weight decay defaults of both runs are each optimizer's winner of the fair study on div (star grids
+# of equal size, tuning seed 100 only; results/grokking.md and the record results/grokking_fair2/results.json)
+lr_adamw = 3e-3  # the fair study's AdamW winner on div
+lr_adamw_aux = 2e-2  # the AdamW run's lr for embeddings, head, norms and biases (fair-study winner on div)
+betas_adamw = "0.9,0.98"  # (Power et al.) also for the Muon run's AdamW groups
 eps_adamw = 1e-8
-weight_decay = 1.0  # AdamW decoupled weight decay (also for the Muon run's AdamW groups)
+weight_decay = 1.0  # AdamW decoupled weight decay, both runs' AdamW groups (fair-study winner on div)
 # the Muon run: Muon on the hidden matrices (attention and MLP weights), AdamW on the rest
-lr_muon = 0.1  # with momentum 0.85 and batch 1024: chosen on tuning seeds 100-102 (results/grokking_tuning.md)
+lr_muon = 0.1  # the fair study's Muon winner on div (momentum 0.85 and batch 1024: tuning seeds 100-102)
 momentum_muon = 0.85
-weight_decay_muon = 0.5  # Muon's decoupled weight decay: W <- W * (1 - lr_muon * weight_decay_muon)
+weight_decay_muon = 0.25  # Muon's decoupled weight decay W <- W * (1 - lr_muon * weight_decay_muon) (fair study)
 ns_method = "newton_schulz"  # newton_schulz | polar_express | gram_newton_schulz
 normuon = 0.0  # NorMuon's beta2 for per-neuron normalization of the Muon update (e.g. 0.95); 0.0: off
-lr_muon_aux = 1e-2  # the Muon run's AdamW lr for embeddings, head, norms and biases
+lr_muon_aux = 2e-2  # the Muon run's AdamW lr for embeddings, head, norms and biases (fair-study winner on div)
 # model
 n_layer = 2
 d_model = 128
@@ -65,7 +71,8 @@ device = "auto"  # auto | cpu | cuda
 # -----------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 # what chooses the runs, where / how fast they run (float rounding only; the compute dtype is in the
-# identity) and the files: not a run's settings. An AdamW run leaves out the Muon knobs (MUON_ONLY).
+# identity) and the files: not a run's settings. An AdamW run leaves out the Muon knobs (MUON_ONLY), a Muon run
+# the AdamW run's aux LR (ADAMW_ONLY).
 NOT_RUN_SETTINGS = ("task", "optimizers", "seed", "lr_adamw", "lr_muon", "threads", "save_checkpoint", "out_dir",
                     "device")
 LR_KEY = {"adamw": "lr_adamw", "muon": "lr_muon"}  # the constant that is a run's `lr`
@@ -166,6 +173,11 @@ def source_hash(*paths):
 
 SOURCE_HASH = source_hash(*SOURCE_FILES)  # of the code this process runs
 MUON_ONLY = ("lr_muon_aux", "momentum_muon", "weight_decay_muon", "ns_method", "normuon")  # not in an AdamW run
+ADAMW_ONLY = ("lr_adamw_aux",)  # not in a Muon run
+# the defaults are both optimizers' winners of the fair study on div (tuned on seed 100); a comparison is tuned
+# against tuned only with every setting that shapes the runs at its default (these may move)
+FREE_OF_TUNING = ("optimizers", "seed", "max_steps", "stop_on_grok", "threads", "save_checkpoint", "out_dir", "device")
+TUNED_NOTE = "both optimizers at their div winners tuned on seed 100 (results/grokking.md)"
 
 
 def check_settings(cfg):
@@ -179,7 +191,8 @@ def check_settings(cfg):
     except ValueError:
         betas = []
     rules = [*((k, cfg[k] >= low, f"must be >= {low}") for k, low in minimum.items()),
-             *((k, cfg[k] > 0, "must be > 0") for k in ("lr_adamw", "lr_muon", "lr_muon_aux", "eps_adamw")),
+             *((k, cfg[k] > 0, "must be > 0") for k in ("lr_adamw", "lr_adamw_aux", "lr_muon", "lr_muon_aux",
+                                                        "eps_adamw")),
              *((k, 0 <= cfg[k] < 1, "must be in [0, 1), e.g. 0.85 (normuon: 0.0 is off)") for k in
                ("momentum_muon", "normuon")),
              ("train_frac", 0 < cfg["train_frac"] < 1, "must be strictly between 0 and 1, e.g. 0.5"),
@@ -251,19 +264,20 @@ def model_config(cfg):
 
 
 def make_optimizer(opt_name, model, cfg, lr):
-    """AdamW on every parameter; or Muon on the hidden matrices (attention and MLP weights) and AdamW on
-    what Muon is not meant for: embeddings and head (one-hot-like inputs and outputs), gains and biases."""
+    """The hidden matrices (attention and MLP weights) at `lr` with AdamW or Muon; the rest, what Muon is not
+    meant for (embeddings and head: one-hot-like inputs and outputs; gains and biases), in the same AdamW group
+    in both runs at that run's aux LR: a comparison of the runs measures the hidden matrices' optimizer alone."""
     betas = tuple(float(b) for b in cfg["betas_adamw"].split(","))
-    if opt_name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, eps=cfg["eps_adamw"],
-                                 weight_decay=cfg["weight_decay"])
     hidden = [p for block in model.blocks for p in block.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if not any(p is h for h in hidden)]  # embeddings, head, gains, biases
+    aux = dict(params=rest, lr=cfg["lr_adamw_aux" if opt_name == "adamw" else "lr_muon_aux"], betas=betas,
+               eps=cfg["eps_adamw"], weight_decay=cfg["weight_decay"])
+    if opt_name == "adamw":
+        return torch.optim.AdamW([dict(params=hidden, lr=lr), aux], lr=lr, betas=betas, eps=cfg["eps_adamw"],
+                                 weight_decay=cfg["weight_decay"])
     return Muon([dict(params=hidden, use_muon=True, lr=lr, momentum=cfg["momentum_muon"],
                       weight_decay=cfg["weight_decay_muon"], ns_method=cfg["ns_method"],
-                      normuon=cfg["normuon"] or None),
-                 dict(params=rest, use_muon=False, lr=cfg["lr_muon_aux"], betas=betas, eps=cfg["eps_adamw"],
-                      weight_decay=cfg["weight_decay"])], distributed=False)
+                      normuon=cfg["normuon"] or None), dict(aux, use_muon=False)], distributed=False)
 
 
 @torch.no_grad()
@@ -283,10 +297,18 @@ def resolve_device(name):
 def run_settings(cfg, opt_name):
     """Every setting that determines the run (all but NOT_RUN_SETTINGS: a new constant is covered by default) and
     the compute dtype muon_optim picks here; with the code hash (the settings make the data) the run identity."""
-    skip = NOT_RUN_SETTINGS + (MUON_ONLY if opt_name == "adamw" else ())
+    skip = NOT_RUN_SETTINGS + (MUON_ONLY if opt_name == "adamw" else ADAMW_ONLY)
     return dict({k: v for k, v in cfg.items() if k not in skip}, task=cfg["task"], optimizer=opt_name,
                 lr=cfg[LR_KEY[opt_name]], seed=cfg["seed"],
                 compute_dtype=muon_optim.compute_dtype_rule(resolve_device(cfg["device"])))
+
+
+def tuning_note(cfg):
+    """One line saying whether the printed ratio is tuned against tuned: only at the defaults (the fair study's
+    winners for div) with at most FREE_OF_TUNING moved; else which settings moved."""
+    moved = [k for k in CONFIG_KEYS if k not in FREE_OF_TUNING and cfg[k] != globals()[k]]
+    return TUNED_NOTE if not moved else (f"not the tuned defaults ({', '.join(moved)} changed); the defaults are "
+                                         "both optimizers' div winners, tuned on seed 100 (results/grokking.md)")
 
 
 def train_run(cfg, opt_name, show_bar=True):
@@ -420,6 +442,7 @@ def main(cfg):
           f"train_frac={cfg['train_frac']} seed={cfg['seed']} source_hash={SOURCE_HASH}")
     n_params = TinyTransformer(model_config(cfg)).num_params()
     print(f"model: {cfg['n_layer']} layers, d_model {cfg['d_model']}, {n_params:,} parameters")
+    print(tuning_note(cfg))
     records, interrupted = [], False
     try:
         for o in opt_names:

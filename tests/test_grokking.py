@@ -219,6 +219,62 @@ def test_muon_run_puts_only_hidden_matrices_in_muon():
     assert len(muon) + len(adam) == len(list(model.parameters()))
 
 
+def test_the_adamw_run_differs_from_the_muon_run_only_in_the_hidden_matrices_optimizer():
+    """Issue 20 item 3: the AdamW run gives the embeddings, head, gains and biases their own LR
+    (lr_adamw_aux), the same groups, betas, eps and weight decay as the Muon run's AdamW groups; only
+    the hidden matrices differ (AdamW at lr_adamw with weight_decay vs Muon)."""
+    model = TinyTransformer(TinyConfig(vocab_size=13, n_classes=11))
+    cfg = dict(defaults(), lr_adamw_aux=2e-2, lr_muon_aux=2e-2, weight_decay=0.7, eps_adamw=1e-7, betas_adamw="0.8,0.9")
+    adamw, muon = tg.make_optimizer("adamw", model, cfg, lr=5e-3), tg.make_optimizer("muon", model, cfg, lr=0.1)
+    (muon_hidden,), muon_aux = ([g for g in muon.param_groups if g["use_muon"] is u] for u in (True, False))
+    assert len(adamw.param_groups) == 1 + len(muon_aux)
+    hidden, *aux = adamw.param_groups
+    same_params = lambda a, b: len(a) == len(b) and all(x is y for x, y in zip(a, b))  # noqa: E731
+    assert same_params(hidden["params"], muon_hidden["params"])
+    assert hidden["lr"] == 5e-3 and hidden["weight_decay"] == 0.7
+    for a, m in zip(aux, muon_aux):
+        assert same_params(a["params"], m["params"])
+        assert {k: a[k] for k in ("lr", "betas", "eps", "weight_decay")} == {k: m[k] for k in
+                                                                          ("lr", "betas", "eps", "weight_decay")}
+    assert aux[0]["lr"] == 2e-2 and tuple(aux[0]["betas"]) == (0.8, 0.9) and aux[0]["eps"] == 1e-7
+    assert sum(len(g["params"]) for g in adamw.param_groups) == len(list(model.parameters()))
+
+
+def test_each_aux_lr_is_in_its_own_runs_identity_only():
+    """lr_adamw_aux changes an AdamW run, lr_muon_aux a Muon run; neither is in the other's identity
+    (changing one optimizer's knob keeps the other's runs)."""
+    cfg = defaults()
+    adamw, muon = tg.run_settings(cfg, "adamw"), tg.run_settings(cfg, "muon")
+    assert adamw["lr_adamw_aux"] == cfg["lr_adamw_aux"] and "lr_muon_aux" not in adamw
+    assert muon["lr_muon_aux"] == cfg["lr_muon_aux"] and "lr_adamw_aux" not in muon
+    moved = dict(cfg, lr_adamw_aux=cfg["lr_adamw_aux"] * 2)
+    assert tg.run_settings(moved, "adamw") != adamw and tg.run_settings(moved, "muon") == muon
+
+
+def test_the_defaults_are_both_optimizers_winners_in_the_committed_tuning_record(tmp_path, capsys):
+    """Issue 20 item 1: `python train_grokking.py` compares tuned against tuned: its defaults are each
+    optimizer's winner of the fair study on div, chosen on tuning seed 100 (never a reported seed), as the
+    committed record says, and the run says so; moving a setting that shapes the runs says that instead."""
+    with open(os.path.join(ROOT, "results", "grokking_fair2", "results.json")) as f:
+        record = json.load(f)
+    cfg, study = defaults(), record["config"]
+    reported = {int(s) for s in str(study["seeds"]).split(",")}
+    assert study["task"] == cfg["task"] == "div"
+    tuned = {}
+    for o in ("adamw", "muon"):
+        winner = record["tuned"][f"div/{o}"]
+        assert winner["tune_seeds"] == [100] and not reported & set(winner["tune_seeds"])
+        tuned.update(winner["values"])
+        assert {k: cfg[k] for k in winner["values"]} == winner["values"], o
+    for k in tg.CONFIG_KEYS:  # what the study held fixed is the default too (the winners hold under it)
+        if k not in tuned and k not in tg.FREE_OF_TUNING and k in study:
+            assert cfg[k] == study[k], k
+    assert tg.tuning_note(cfg) == tg.TUNED_NOTE
+    tg.main(tiny(tmp_path, "--optimizers=adamw", "--max_steps=2", "--save_checkpoint=False"))
+    assert "not the tuned defaults (task, p, batch_size, eval_every, d_model, n_head, d_mlp changed)" in (
+        capsys.readouterr().out)
+
+
 def test_a_run_still_near_chance_at_give_up_at_stops_as_censored(tmp_path):
     """A diverging AdamW run (lr 3) stops at the first evaluation at or after give_up_at and counts as
     censored at max_steps; a learning run (Muon) and give_up_at=0 train to the end."""
@@ -301,7 +357,8 @@ BAD_SETTINGS = [
     ("--weight_decay=-1", "--weight_decay=-1: "), ("--momentum_muon=1", "--momentum_muon=1: "),
     ("--optimizers=sgd", "--optimizers=sgd: "), ("--threads=-1", "--threads=-1: "), ("--n_layer=0", "--n_layer=0: "),
     ("--p=1", "--p=1: "), ("--d_mlp=0", "--d_mlp=0: "), ("--eps_adamw=0", "--eps_adamw=0: "),
-    ("--lr_muon_aux=0", "--lr_muon_aux=0: "), ("--weight_decay_muon=-1", "--weight_decay_muon=-1: ")]
+    ("--lr_muon_aux=0", "--lr_muon_aux=0: "), ("--weight_decay_muon=-1", "--weight_decay_muon=-1: "),
+    ("--lr_adamw_aux=0", "--lr_adamw_aux=0: ")]
 
 
 @pytest.mark.parametrize("arg, match", BAD_SETTINGS)

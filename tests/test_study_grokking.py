@@ -54,7 +54,7 @@ def test_the_study_reads_the_trainer_and_shares_its_pasted_helpers():
     ones study_lm.py has."""
     assert sg.TRAINER_SETTINGS == {k: getattr(tg, k) for k in tg.CONFIG_KEYS}
     assert sg.TASK_NAMES == list(tg.TASKS) and sg.NOT_RUN_SETTINGS == tg.NOT_RUN_SETTINGS
-    assert sg.MUON_ONLY == tg.MUON_ONLY and sg.LR_KEY == tg.LR_KEY
+    assert sg.MUON_ONLY == tg.MUON_ONLY and sg.ADAMW_ONLY == tg.ADAMW_ONLY and sg.LR_KEY == tg.LR_KEY
     with open(os.path.join(ROOT, "study_grokking.py")) as f:
         tree = ast.parse(f.read())
     imported = ({a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
@@ -94,6 +94,23 @@ def test_tune_grid_parsing_and_clear_errors():
                         ("batch_size=256.5", "expected a whole number")]:
         with pytest.raises(ValueError, match=match):
             sg.tuning_axes(text, "adamw")
+
+
+def test_lr_adamw_aux_is_tunable_for_adamw_and_in_its_identity_only():
+    """The AdamW arm's aux LR is a tuning axis of adamw (not of muon), and the identity the study wants
+    is the one the trainer records, for either optimizer, with it moved."""
+    assert sg.tuning_axes("lr_adamw_aux=1e-2,2e-2", "adamw") == [(("lr_adamw_aux",), [(1e-2,), (2e-2,)])]
+    with pytest.raises(ValueError, match="cannot tune 'lr_adamw_aux' \\(it does not change a muon run"):
+        sg.tuning_axes("lr_adamw_aux=1e-2,2e-2", "muon")
+    cfg = dict(defaults(), lr_adamw_aux=2e-2, lr_muon_aux=3e-2)
+    trainer_cfg = dict({k: cfg[k] for k in tg.CONFIG_KEYS if k in cfg}, task="div", seed=100)
+    for o in ("adamw", "muon"):
+        spec = sg.config_spec(cfg, "div", o, {}, 100, "tune")
+        assert sg.wanted_identity(cfg, spec, "c") == tg.run_identity(tg.run_settings(trainer_cfg, o), "c", "")
+    adamw = sg.wanted_identity(cfg, sg.config_spec(cfg, "div", "adamw", {}, 100, "tune"), "c")
+    muon = sg.wanted_identity(cfg, sg.config_spec(cfg, "div", "muon", {}, 100, "tune"), "c")
+    assert adamw["lr_adamw_aux"] == 2e-2 and "lr_muon_aux" not in adamw
+    assert muon["lr_muon_aux"] == 3e-2 and "lr_adamw_aux" not in muon
 
 
 def test_tune_budgets_must_be_equal_and_seeds_disjoint(tmp_path):
