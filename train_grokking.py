@@ -1,14 +1,9 @@
 """
-train_grokking.py -- grokking on modular arithmetic: AdamW vs Muon on one task and one seed, from the
-same initialization and the same batches. `python train_grokking.py`: div mod 97, both optimizers.
-
-The defaults are each optimizer's winner of the fair study on div (tuned on seed 100, results/grokking.md), so
-the printed ratio is tuned against tuned; the run says whether its settings are still those defaults.
-A run trains until validation accuracy reaches `threshold` (it has "grokked") or `max_steps`; a run
-that never groks is censored at max_steps. Outputs in out_dir: results.json, runs/<run>.json (record,
-run identity, curves), ckpt/<run>.pt (model, optimizer, step; also on Ctrl-C), grokking.png. Studies
-(tasks x seeds, tuning on held-out seeds, statistics, parallel runs, reuse of finished runs) are
-study_grokking.py, which runs this script once per run. Override any constant below as --name=value.
+train_grokking.py -- grokking on modular arithmetic: AdamW vs Muon on one task and one seed, from the same
+initialization and batches, at each optimizer's fair-study winner on div (tuned on seed 100, results/grokking.md).
+A run trains until val accuracy reaches `threshold` ("grokked") or is censored at max_steps. Outputs in out_dir:
+results.json, runs/<run>.json (record, run identity, curves), ckpt/<run>.pt (also on Ctrl-C), grokking.png.
+Studies (tasks x seeds, tuning, statistics) are study_grokking.py. Override any constant as --name=value.
 """
 import hashlib
 import json
@@ -23,7 +18,6 @@ from tqdm import tqdm
 
 import model_tiny
 import muon_optim
-from model_tiny import TinyConfig, TinyTransformer
 from muon_optim import Muon
 
 # -----------------------------------------------------------------------------
@@ -38,13 +32,10 @@ batch_size = 1024  # 512 before the speed study (results/grokking_tuning.md): Mu
 eval_every = 20  # full train + val evaluation every this many steps (the grok-step resolution)
 threshold = 0.99  # memorized: train acc >= threshold; grokked: val acc >= threshold (0.95 also recorded)
 stop_on_grok = True  # end a run at its grok step (saves compute in studies)
-give_up_at = 500  # a run whose train accuracy is still below max(10%, 2/p) at this step has stalled (seen:
-# AdamW at lr >= 2e-2, or wd >= 3 at lr 1e-2, batch 1024): it stops, censored at max_steps. 0: never give up
+give_up_at = 500  # a run still below max(10%, 2/p) train accuracy here has stalled: stop, censored. 0: never
 warmup_steps = 10  # linear LR warmup, as in Power et al.
-# the AdamW run: AdamW on every parameter, the hidden matrices at lr_adamw, the rest at lr_adamw_aux (the Muon
-# run's AdamW groups, with their own lr_muon_aux): the two runs differ only in the hidden matrices' optimizer.
-# The lr and weight decay defaults of both runs are each optimizer's winner of the fair study on div (star grids
-# of equal size, tuning seed 100 only; results/grokking.md and the record results/grokking_fair2/results.json)
+# the AdamW run: hidden matrices at lr_adamw, the rest at lr_adamw_aux (as the Muon run's AdamW groups at
+# lr_muon_aux). LRs and decays: the fair-study winners on div (results/grokking_fair2/results.json)
 lr_adamw = 3e-3  # the fair study's AdamW winner on div
 lr_adamw_aux = 2e-2  # the AdamW run's lr for embeddings, head, norms and biases (fair-study winner on div)
 betas_adamw = "0.9,0.98"  # (Power et al.) also for the Muon run's AdamW groups
@@ -70,9 +61,7 @@ out_dir = "out/grokking"
 device = "auto"  # auto | cpu | cuda
 # -----------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
-# what chooses the runs, where / how fast they run (float rounding only; the compute dtype is in the
-# identity) and the files: not a run's settings. An AdamW run leaves out the Muon knobs (MUON_ONLY), a Muon run
-# the AdamW run's aux LR (ADAMW_ONLY).
+# not a run's settings (the compute dtype is); an AdamW run also leaves out MUON_ONLY, a Muon run ADAMW_ONLY
 NOT_RUN_SETTINGS = ("task", "optimizers", "seed", "lr_adamw", "lr_muon", "threads", "save_checkpoint", "out_dir",
                     "device")
 LR_KEY = {"adamw": "lr_adamw", "muon": "lr_muon"}  # the constant that is a run's `lr`
@@ -174,8 +163,7 @@ def source_hash(*paths):
 SOURCE_HASH = source_hash(*SOURCE_FILES)  # of the code this process runs
 MUON_ONLY = ("lr_muon_aux", "momentum_muon", "weight_decay_muon", "ns_method", "normuon")  # not in an AdamW run
 ADAMW_ONLY = ("lr_adamw_aux",)  # not in a Muon run
-# the defaults are both optimizers' winners of the fair study on div (tuned on seed 100); a comparison is tuned
-# against tuned only with every setting that shapes the runs at its default (these may move)
+# tuned against tuned needs every setting that shapes the runs at its default; these may move
 FREE_OF_TUNING = ("optimizers", "seed", "max_steps", "stop_on_grok", "threads", "save_checkpoint", "out_dir", "device")
 TUNED_NOTE = "both optimizers at their div winners tuned on seed 100 (results/grokking.md)"
 
@@ -214,8 +202,7 @@ def check_settings(cfg):
         raise ValueError(f"--ns_method={cfg['ns_method']}: {e}") from None
 
 
-# -----------------------------------------------------------------------------
-# data: every pair (x, y), input `x op y =`, target the answer class
+# ---- data: every pair (x, y), input `x op y =`, target the answer class
 
 def modular_inverse(y, p):
     """y^(p-2) mod p (Fermat), elementwise on an integer tensor; valid for prime p and y != 0."""
@@ -223,8 +210,7 @@ def modular_inverse(y, p):
 
 
 def make_dataset(task_name, p):
-    """All pairs of the task: X (N, 4) tokens [x, op, y, =] with op = p and '=' = p + 1, Y (N,)
-    answers in [0, p). N = p^2, or p(p-1) for div (y = 0 excluded)."""
+    """All pairs: X (N, 4) tokens [x, op=p, y, '='=p+1], Y (N,) in [0, p); N = p^2, or p(p-1) for div (y != 0)."""
     if task_name not in TASKS:
         raise ValueError(f"unknown task {task_name!r}; choose one of {', '.join(TASKS)}")
     if task_name == "div" and not all(p % k for k in range(2, math.isqrt(p) + 1)):
@@ -259,14 +245,13 @@ def batch_sequence(n_train, batch_size, seed):
 
 
 def model_config(cfg):
-    return TinyConfig(vocab_size=cfg["p"] + 2, n_classes=cfg["p"], n_layer=cfg["n_layer"], d_model=cfg["d_model"],
-                      n_head=cfg["n_head"], d_mlp=cfg["d_mlp"], prenorm=cfg["prenorm"])
+    keys = ("n_layer", "d_model", "n_head", "d_mlp", "prenorm")
+    return model_tiny.TinyConfig(vocab_size=cfg["p"] + 2, n_classes=cfg["p"], **{k: cfg[k] for k in keys})
 
 
 def make_optimizer(opt_name, model, cfg, lr):
-    """The hidden matrices (attention and MLP weights) at `lr` with AdamW or Muon; the rest, what Muon is not
-    meant for (embeddings and head: one-hot-like inputs and outputs; gains and biases), in the same AdamW group
-    in both runs at that run's aux LR: a comparison of the runs measures the hidden matrices' optimizer alone."""
+    """The hidden matrices (attention, MLP) at `lr` with AdamW or Muon; the rest (embeddings, head, gains, biases:
+    not for Muon) in the same AdamW group in both runs, at that run's aux LR: the runs differ in one optimizer."""
     betas = tuple(float(b) for b in cfg["betas_adamw"].split(","))
     hidden = [p for block in model.blocks for p in block.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if not any(p is h for h in hidden)]  # embeddings, head, gains, biases
@@ -295,8 +280,7 @@ def resolve_device(name):
 
 
 def run_settings(cfg, opt_name):
-    """Every setting that determines the run (all but NOT_RUN_SETTINGS: a new constant is covered by default) and
-    the compute dtype muon_optim picks here; with the code hash (the settings make the data) the run identity."""
+    """Every setting that determines the run (all but NOT_RUN_SETTINGS) and the compute dtype muon_optim picks."""
     skip = NOT_RUN_SETTINGS + (MUON_ONLY if opt_name == "adamw" else ADAMW_ONLY)
     return dict({k: v for k, v in cfg.items() if k not in skip}, task=cfg["task"], optimizer=opt_name,
                 lr=cfg[LR_KEY[opt_name]], seed=cfg["seed"],
@@ -304,16 +288,14 @@ def run_settings(cfg, opt_name):
 
 
 def tuning_note(cfg):
-    """One line saying whether the printed ratio is tuned against tuned: only at the defaults (the fair study's
-    winners for div) with at most FREE_OF_TUNING moved; else which settings moved."""
+    """Whether the printed ratio is tuned against tuned (the defaults, FREE_OF_TUNING aside), else what moved."""
     moved = [k for k in CONFIG_KEYS if k not in FREE_OF_TUNING and cfg[k] != globals()[k]]
     return TUNED_NOTE if not moved else (f"not the tuned defaults ({', '.join(moved)} changed); the defaults are "
                                          "both optimizers' div winners, tuned on seed 100 (results/grokking.md)")
 
 
 def train_run(cfg, opt_name, show_bar=True):
-    """Train one model; returns the run's record (with its curves), also written to runs/<name>.json.
-    Ctrl-C saves a checkpoint and re-raises."""
+    """Train one model; its record (with curves) is returned and written to runs/<name>.json. Ctrl-C: checkpoint."""
     dev, seed, lr = resolve_device(cfg["device"]), cfg["seed"], cfg[LR_KEY[opt_name]]
     torch.set_flush_denormal(True)  # CPU: subnormal floats late in long runs slow float math; flush them to 0
     X, Y = make_dataset(cfg["task"], cfg["p"])
@@ -322,7 +304,7 @@ def train_run(cfg, opt_name, show_bar=True):
     X, Y, masks = X.to(dev), Y.to(dev), [m.to(dev) for m in masks]
     Xtr, Ytr = X[train_idx.to(dev)], Y[train_idx.to(dev)]
     torch.manual_seed(seed)  # same initial weights for every optimizer
-    model = TinyTransformer(model_config(cfg)).to(dev)
+    model = model_tiny.TinyTransformer(model_config(cfg)).to(dev)
     opt = make_optimizer(opt_name, model, cfg, lr)
     base_lrs = [g["lr"] for g in opt.param_groups]
     batches = batch_sequence(len(train_idx), cfg["batch_size"], seed)
@@ -389,8 +371,7 @@ def fmt_step(r):
 
 
 def print_run_table(records):
-    """Per run: memorize, grok 95% and grok steps; speedup over the first run (AdamW): its grok step
-    (max_steps if it never grokked: then '+', a lower bound) / this run's."""
+    """Per run: memorize, grok 95% and grok steps; speedup = the first run's (AdamW's) grok step / this run's."""
     b = records[0]
     print(f"\n{'task':<8} {'optimizer':<9} {'lr':>8} {'seed':>5} {'memorize':>9} {'grok 95%':>9} {'grok':>7} "
           f"{'wall s':>7} {'speedup':>8}")
@@ -401,16 +382,15 @@ def print_run_table(records):
         mem, g95 = (r[k] if r[k] is not None else f">{r['steps_run']}" for k in ("memorize_step", "grok_step_95"))
         print(f"{r['task']:<8} {r['optimizer']:<9} {r['lr']:>8g} {r['seed']:>5} {mem!s:>9} {g95!s:>9} "
               f"{fmt_step(r):>7} {r['wall_s']:>7.1f} {speed_txt:>8}")
-    print("speedup: AdamW grok step / this run's grok step, same task and seed ('+': AdamW censored, a lower "
-          "bound); *: gave up at give_up_at (still near chance), !: diverged (non-finite loss), both censored")
+    print("speedup: AdamW grok step / this run's, same task and seed ('+': AdamW censored, a lower bound); "
+          "*: gave up at give_up_at, !: diverged (non-finite loss), both censored")
 
 
 def plot_curves(records, path):
     """The classic grokking picture: train (dashed) and val (solid) accuracy vs step on a log axis."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(5.5, 3.8))
+    ax = fig.add_subplot()
     for r in records:
         c, s = {"adamw": "tab:blue", "muon": "tab:red"}[r["optimizer"]], [max(x, 1) for x in r["curve"]["step"]]
         ax.plot(s, r["curve"]["train_acc"], "--", color=c, alpha=0.8, label=f"{r['optimizer']} train")
@@ -424,14 +404,12 @@ def plot_curves(records, path):
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
 
 def main(cfg):
-    """One comparison: each optimizer on the same task, split, initialization and batch order.
-    Returns what it writes to results.json."""
+    """One comparison: each optimizer on the same task, split, initialization and batches; returns results.json."""
     check_settings(cfg)
     make_dataset(cfg["task"], cfg["p"])  # an unknown task or a non-prime p for div: one line, before training
     opt_names = [o.strip() for o in cfg["optimizers"].split(",") if o.strip()]
@@ -440,9 +418,8 @@ def main(cfg):
     os.makedirs(cfg["out_dir"], exist_ok=True)
     print(f"device={resolve_device(cfg['device'])} threads={torch.get_num_threads()} task={cfg['task']} p={cfg['p']} "
           f"train_frac={cfg['train_frac']} seed={cfg['seed']} source_hash={SOURCE_HASH}")
-    n_params = TinyTransformer(model_config(cfg)).num_params()
-    print(f"model: {cfg['n_layer']} layers, d_model {cfg['d_model']}, {n_params:,} parameters")
-    print(tuning_note(cfg))
+    n_params = model_tiny.TinyTransformer(model_config(cfg)).num_params()
+    print(f"model: {cfg['n_layer']} layers, d_model {cfg['d_model']}, {n_params:,} parameters\n{tuning_note(cfg)}")
     records, interrupted = [], False
     try:
         for o in opt_names:
