@@ -365,6 +365,22 @@ def run_args(cfg, opt, values, data, seed, steps, run_dir):
             + cfg["model"].split() + [f"--{k}={v}" for k, v in values.items()])
 
 
+def check_runs(cfg, plan):
+    """Each configuration's train_muon.py command checked by the trainer itself (--dry_run=True: its ranges and
+    choices, e.g. ns_method or normuon) before the first run trains, so a bad grid value never costs other runs."""
+    def check(spec):
+        o, values = spec
+        args = run_args(cfg, o, values, cfg["tune_data"], plan["tune_seeds"][0], cfg["tune_steps"],
+                        os.path.join(cfg["out_dir"], "dry_run"))
+        return o, values, subprocess.run([sys.executable, *args, "--dry_run=True"], cwd=HERE, capture_output=True,
+                                         text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    with ThreadPoolExecutor(cfg["jobs"]) as pool:
+        for o, values, proc in pool.map(check, [(o, c) for o in ("adamw", "muon") for c in plan["configs"][o]]):
+            if proc.returncode != 0:
+                why = (proc.stderr.strip().splitlines() or [f"train_muon.py exit {proc.returncode}"])[-1]
+                raise ValueError(f"--grid_{o} configuration {fmt(values)}: {why}")
+
+
 def read_metrics(run_dir):
     """The run dir's metrics.json as written by train_muon.py (and the study's arguments), or None."""
     path = os.path.join(run_dir, "metrics.json")
@@ -568,6 +584,7 @@ def study(cfg):
     the results (also written to out_dir/results.json, study.md and study.png)."""
     cfg = dict(cfg, **{k: os.path.abspath(cfg[k]) for k in ("tune_data", "report_data", "out_dir")})
     plan = check_settings(cfg)
+    check_runs(cfg, plan)
     configs, axes = plan["configs"], plan["axes"]
     code = source_hash(*(os.path.join(HERE, f) for f in CODE_FILES))
     wanted = wanted_identity(cfg, plan, code)

@@ -92,6 +92,7 @@ compile = True  # torch.compile (CUDA only; ignored on CPU)
 fsdp = False  # True: FSDP2 (fully_shard per block, then the root) instead of DDP; checkpoints via DCP
 threads = 0  # CPU threads for torch (0 = torch's default)
 seed = 1337  # the initial weights (the batches are the same for every seed)
+dry_run = False  # True: check every setting, then exit without training (study_lm.py checks each run with it)
 # -----------------------------------------------------------------------------
 CONFIG = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str))}
 
@@ -838,4 +839,9 @@ def exit_status(metrics):
 
 
 if __name__ == "__main__":
-    raise SystemExit(exit_status(train(parse_overrides(sys.argv[1:], CONFIG))))
+    config = parse_overrides(sys.argv[1:], CONFIG)
+    if config["dry_run"]:
+        check_settings(config)
+        print("dry run: every setting is valid")
+        raise SystemExit(0)
+    raise SystemExit(exit_status(train(config)))

@@ -641,3 +641,13 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(SystemExit, match="no shards matching"):
         train_muon.train(config(str(tmp_path / "empty"), tmp_path / "o", max_steps=2))
+
+
+def test_dry_run_checks_every_setting_and_trains_nothing(tmp_path):
+    ok = subprocess.run([sys.executable, "train_muon.py", "--dry_run=True", f"--out_dir={tmp_path / 'out'}"], cwd=ROOT,
+                        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and "every setting is valid" in ok.stdout, ok.stderr[-2000:]
+    assert not (tmp_path / "out").exists()  # no data read, nothing written
+    bad = subprocess.run([sys.executable, "train_muon.py", "--dry_run=True", "--normuon=2"], cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--normuon=2" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]

@@ -300,3 +300,14 @@ def test_compare_keeps_every_run_and_refuses_other_data(study):
                       (f"{muon[0]},{muon[0]}", "list each out_dir once")]:
         proc = run([sys.executable, "study_lm.py", f"--compare={dirs}", f"--out_dir={out}"])
         assert proc.returncode != 0 and msg in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_grid_value_the_trainer_refuses_stops_the_study_before_any_run(tmp_path):
+    """Names and types are checked by the study; ranges and choices (ns_method, normuon) only the trainer
+    knows: each configuration is checked with train_muon.py --dry_run=True before the first run trains."""
+    write_shards(tmp_path / "tune", 0)
+    write_shards(tmp_path / "report", 1)
+    cfg = study_config(tmp_path, grid_adamw="lr_adamw=1e-3,2e-3", grid_muon="ns_method=newton_schulz,polar_expres")
+    with pytest.raises(ValueError, match="--grid_muon configuration .*--ns_method=polar_expres: use one of"):
+        S.main(cfg)
+    assert not (tmp_path / "out" / "runs").exists() or not any((tmp_path / "out" / "runs").iterdir())
