@@ -648,7 +648,7 @@ def tables(out):
         adamw_mean, muon_mean = (statistics.mean(xs) if xs else None for xs in finals.values())
         lines.append(f"| {h['horizon']} | {num(adamw_mean)} | {num(muon_mean)} | "
                      f"{h['mean_ratio']:.3f} | {h['ratio_ci'][0]:.3f}-{h['ratio_ci'][1]:.3f} | {p:.2g} | {per} |")
-    lines += ["", "\\* censored: Muon did not reach AdamW's final loss; † a run diverged (worst outcome for its side)",
+    lines += ["", "\\* censored: Muon did not reach AdamW's final loss; † a run diverged (the worst outcome for it)",
               "", "| optimizer | configuration | tuning val loss |", "|---|---|---|"]
     for o, t in out["tuning"].items():
         for s in sorted(t["scores"], key=lambda s: (s["final_val"] is None, s["final_val"] or 0.0)):
