@@ -300,12 +300,20 @@ def get_encoding(enc):
 
 
 def _init_worker(enc):
-    """Load the encoding in a pool worker. Ctrl-C reaches the whole process group: the workers ignore it and
-    the main process stops them, so a Ctrl-C prints one message, not a traceback per worker."""
+    """Load the encoding (in a pool worker, or in the main process when there is no pool)."""
     global _encoder
-    if mp.current_process().name != "MainProcess":
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _encoder = get_encoding(enc)
+
+
+def start_pool(num_proc, encoding):
+    """A pool whose workers ignore Ctrl-C: it reaches the whole process group, and the main process stops the
+    workers, so a Ctrl-C prints one message, not a traceback per worker. SIGINT is ignored while the workers
+    are forked, so that a worker still running its after-fork hooks cannot be interrupted either."""
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return mp.Pool(num_proc, initializer=_init_worker, initargs=(encoding,))
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 def tokenize(text):
@@ -408,7 +416,7 @@ def prepare(dataset=dataset, dataset_config=dataset_config, split=split, input=i
     buf = np.empty(shard_size, dtype=np.uint16)
     fill = 0
     bar = tqdm(total=num_tokens or None, initial=written, unit="tok", unit_scale=True, desc="tokenizing")
-    pool = mp.Pool(num_proc, initializer=_init_worker, initargs=(encoding,)) if num_proc > 1 else None
+    pool = start_pool(num_proc, encoding) if num_proc > 1 else None
     if pool is None:
         _init_worker(encoding)
     stream = pool.imap(tokenize, texts, chunksize=chunksize) if pool else map(tokenize, texts)
