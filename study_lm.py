@@ -15,8 +15,8 @@ out_dir/runs/<run>/ with its metrics.json; `jobs` of them run at a time.
    configuration that diverges on any tune seed is recorded as failed (the worst score, shown in the
    table) and the study goes on.
 2. Report, on `report_data` (text the tuning never saw) with `seeds`: the two winners train for each
-   horizon in `horizons` (its own WSD schedule) on each seed (the seed sets the initial weights;
-   the batches are the same). Per seed: the step at which Muon first reaches AdamW's final val loss
+   horizon in `horizons` (its own WSD schedule) on each seed (the seed sets the initial weights
+   and the order of the batches). Per seed: the step at which Muon first reaches AdamW's final val loss
    (linear interpolation between evals) over the horizon. Summary per horizon: mean ratio with a
    bootstrap 95% CI over seeds, a one-sided t-test of ratio < 1, and the paired final-loss gap.
 

@@ -91,7 +91,7 @@ device = "auto"  # auto = cuda if available, else cpu
 compile = True  # torch.compile (CUDA only; ignored on CPU)
 fsdp = False  # True: FSDP2 (fully_shard per block, then the root) instead of DDP; checkpoints via DCP
 threads = 0  # CPU threads for torch (0 = torch's default)
-seed = 1337  # the initial weights (the batches are the same for every seed)
+seed = 1337  # the initial weights and the order of the batches (every run of one invocation: the same)
 dry_run = False  # True: check every setting, then exit without training (study_lm.py checks each run with it)
 # -----------------------------------------------------------------------------
 CONFIG = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str))}
@@ -262,7 +262,7 @@ CHECKS = (
       "eval_every", "log_every", "eval_tokens", "lr_muon", "lr_head", "lr_embed", "lr_scalar", "lr_adamw", "eps_adam",
       "eps_adamw"), lambda v, c: v > 0, "must be > 0"),
     (("warmup_steps", "momentum_muon_warmup", "weight_decay", "weight_decay_muon", "grad_clip", "ckpt_every",
-      "stop_after_steps", "threads"), lambda v, c: v >= 0, "must be >= 0"),
+      "stop_after_steps", "threads", "seed"), lambda v, c: v >= 0, "must be >= 0"),
     (("cooldown_frac", "min_lr_frac"), lambda v, c: 0 <= v <= 1, "must be in [0, 1]"),
     (("momentum_muon", "normuon"), lambda v, c: 0 <= v <= 0.999, "must be in [0, 0.999]"),
     (("n_head",), lambda v, c: c["n_embd"] % v == 0, "must divide n_embd={n_embd} (the head size is n_embd / n_head)"),
@@ -354,25 +354,32 @@ def build_vocab_map(shards, top):
 
 
 class DataLoader:
-    """Each step's (x, y) micro-batches, in order: micro-step i of rank r reads window i * world + r, so ranks read
-    disjoint data. A step that does not fit the rest of a shard starts the next; (shard, pos) is where to resume."""
+    """Each step's (x, y) micro-batches. A shard is cut into steps of `span` tokens (every rank's windows of one step);
+    the seed shuffles the order of a shard's steps (None: in order), so each seed sees other batches and none twice
+    before the shard is used up. Micro-step i of rank r reads window i * world + r of its step: ranks read disjoint
+    data. (shard, step) is where to resume."""
 
-    def __init__(self, files, B, T, rank=0, world=1, accum=1, vocab_map=None):
-        self.shards, self.vocab_map = [read_shard(f) for f in files], vocab_map
+    def __init__(self, files, B, T, rank=0, world=1, accum=1, vocab_map=None, seed=None):
+        self.shards, self.vocab_map, self.seed = [read_shard(f) for f in files], vocab_map, seed
         self.B, self.T, self.rank, self.world, self.accum = B, T, rank, world, accum
         self.span = world * accum * B * T  # tokens per step, all ranks together
         if all(len(s) < self.span + 1 for s in self.shards):
             raise ValueError(f"every shard is shorter than one step of {self.span + 1:,} tokens (processes x "
                              f"grad_accum_steps x batch {B} x block {T} + 1); use a smaller batch_size/block_size "
                              f"or a larger --shard_size in prepare_fineweb.py")
-        self.shard, self.pos = 0, 0
+        self.shard, self.step, self.order = 0, 0, None
 
     def next_batches(self):
         """accum (x, y) pairs of shape (B, T) for this rank's share of the next step."""
-        while self.pos + self.span + 1 > len(self.shards[self.shard]):
-            self.shard, self.pos = (self.shard + 1) % len(self.shards), 0
-        starts = [self.pos + (i * self.world + self.rank) * self.B * self.T for i in range(self.accum)]
-        self.pos += self.span
+        while self.step >= (len(self.shards[self.shard]) - 1) // self.span:
+            self.shard, self.step, self.order = (self.shard + 1) % len(self.shards), 0, None
+        if self.order is None:  # the shard's steps in this seed's order
+            n = (len(self.shards[self.shard]) - 1) // self.span
+            rng = None if self.seed is None else np.random.default_rng([self.seed, self.shard])
+            self.order = np.arange(n) if rng is None else rng.permutation(n)
+        pos = int(self.order[self.step]) * self.span
+        self.step += 1
+        starts = [pos + (i * self.world + self.rank) * self.B * self.T for i in range(self.accum)]
         return [batch(self.shards[self.shard], start, self.B, self.T, self.vocab_map) for start in starts]
 
 
@@ -656,12 +663,12 @@ def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
     model, optimizer, fwd = build_run(name, lr, cfg, env)
     B, T, world, device, master = cfg["batch_size"], cfg["block_size"], env["world"], env["device"], env["master"]
     accum, tokens_per_step, max_steps = cfg["grad_accum_steps"] // world, metrics["tokens_per_step"], cfg["max_steps"]
-    loader = DataLoader(data["files"], B, T, env["rank"], world, accum, data["vocab_map"])
+    loader = DataLoader(data["files"], B, T, env["rank"], world, accum, data["vocab_map"], cfg["seed"])
     run = metrics["runs"][label] = dict(identity=data["identities"][label], status="training", train=[], val=[])
     resumed_from, meta = data["resume"].get(label, (None, {}))
     if meta:
         read_checkpoint(resumed_from, meta, model, optimizer, env)
-        loader.shard, loader.pos = meta["loader"]["shard"], meta["loader"]["pos"]
+        loader.shard, loader.step = meta["loader"]["shard"], meta["loader"]["step"]
         set_rng_state(meta["rng"])
         run.update(meta["run_metrics"], identity=run["identity"], status="training")
     metrics["num_params"] = model.num_params()
@@ -688,7 +695,7 @@ def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
         if cfg["save_checkpoint"]:
             write_checkpoint(path, dict(
                 script=SCRIPT, code=metrics["code"], identity=run["identity"], config=cfg, label=label, step=step,
-                train_time=train_time, loader=dict(shard=loader.shard, pos=loader.pos), rng=rng_state(),
+                train_time=train_time, loader=dict(shard=loader.shard, step=loader.step), rng=rng_state(),
                 run_metrics=run, vocab_map=data["vocab_map"], finished=status == "finished",
                 train_shards=[os.path.basename(f) for f in data["files"]],
                 wandb_id=wb.id if wb else meta.get("wandb_id")), model, optimizer, env)

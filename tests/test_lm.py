@@ -272,16 +272,34 @@ def test_wsd_schedule_and_momentum_warmup():
 
 def test_ddp_ranks_read_disjoint_windows_that_tile_the_single_process_stream(data_dir):
     files = train_muon.find_shards(data_dir, "fineweb_train_*.bin")
-    single = train_muon.DataLoader(files, 4, 16, accum=2)
-    ranks = [train_muon.DataLoader(files, 4, 16, rank=r, world=2) for r in range(2)]
+    single = train_muon.DataLoader(files, 4, 16, accum=2, seed=3)
+    ranks = [train_muon.DataLoader(files, 4, 16, rank=r, world=2, seed=3) for r in range(2)]
     seen = []
     for _ in range(200):  # crosses shard boundaries and wraps around
         (x0, y0), (x1, y1) = single.next_batches()
         [(a, b)], [(c, d)] = ranks[0].next_batches(), ranks[1].next_batches()
         assert torch.equal(a, x0) and torch.equal(b, y0) and torch.equal(c, x1) and torch.equal(d, y1)
         assert torch.equal(x0[:, 1:], y0[:, :-1]) and torch.equal(x1[0, :1], y0[-1, -1:])  # adjacent windows
-        seen.append((single.shard, single.pos))
+        seen.append((single.shard, single.step))
     assert {s for s, _ in seen} == {0, 1}  # both train shards used
+
+
+def test_the_seed_changes_the_batch_order_and_no_window_repeats_within_a_shard(data_dir):
+    files = train_muon.find_shards(data_dir, "fineweb_train_*.bin")
+    span = 4 * 16
+
+    def first_shard_windows(seed):
+        loader, windows = train_muon.DataLoader(files, 4, 16, seed=seed), []
+        while loader.shard == 0 and loader.step < len(loader.shards[0]) // span:
+            [(x, _)] = loader.next_batches()
+            windows.append(tuple(x.flatten().tolist()))
+        return windows
+
+    in_order, seed0, seed1 = first_shard_windows(None), first_shard_windows(0), first_shard_windows(1)
+    assert len(set(in_order)) == len(in_order) > 10  # each window once
+    assert sorted(seed0) == sorted(seed1) == sorted(in_order)  # the same windows ...
+    assert len({tuple(in_order), tuple(seed0), tuple(seed1)}) == 3  # ... in three orders
+    assert first_shard_windows(1) == seed1
 
 
 def test_vocab_top_maps_rare_tokens_to_one_id(tmp_path):
@@ -336,7 +354,7 @@ def test_resume_reproduces_the_uninterrupted_loss_curve_exactly(data_dir, tmp_pa
     cfg = config(data_dir, tmp_path / "b", max_steps=20, optimizers="muon,adamw", stop_after_steps=15)
     train_muon.train(cfg)
     ckpt = torch.load(tmp_path / "b" / "ckpt" / "muon.pt", weights_only=False)
-    assert ckpt["step"] == 15 and ckpt["loader"]["pos"] > 0 and not ckpt["finished"]
+    assert ckpt["step"] == 15 and ckpt["loader"]["step"] > 0 and not ckpt["finished"]
     assert not (tmp_path / "b" / "ckpt" / "adamw.pt").exists()
     assert load_metrics(tmp_path / "b")["runs"]["muon"]["status"] == "stopped"
     train_muon.train(dict(cfg, resume=True))  # muon 15 -> 20 (finished), adamw 0 -> 10
