@@ -507,15 +507,16 @@ def wanted_identity(cfg, plan, code):
 # -----------------------------------------------------------------------------
 # statistics: pure functions
 
-def interpolated_step(val, target):
-    """First step where the val curve, linearly interpolated between evals, is at or below target."""
+def interpolated_step(val, target, x="step"):
+    """First step (x="time": training time) where the val curve, linearly interpolated between evals, is at or
+    below target."""
     prev = None
     for pt in val:
         if pt["loss"] <= target:
             if prev is None or prev["loss"] == pt["loss"]:
-                return float(pt["step"])
+                return float(pt[x])
             frac = (prev["loss"] - target) / (prev["loss"] - pt["loss"])
-            return prev["step"] + frac * (pt["step"] - prev["step"])
+            return prev[x] + frac * (pt[x] - prev[x])
         prev = pt
     return None
 
@@ -535,25 +536,31 @@ def t_test_less(xs, mu):
 
 
 def compare_horizon(muon_runs, adamw_runs, horizon, n_boot):
-    """Per seed: Muon's step to reach AdamW's final val loss over the horizon (censored: 1.0, flagged). A
-    diverged run is the worst outcome for its side: Muon diverged never reaches (1.0, censored); AdamW
+    """Per seed: Muon's step to reach AdamW's final val loss over the horizon (censored: 1.0, flagged), and the
+    same in training time (Muon's time to reach it over AdamW's time for the horizon: a Muon step costs more).
+    A diverged run is the worst outcome for its side: Muon diverged never reaches (1.0, censored); AdamW
     diverged is reached at once (0.0). The loss gap is over the seeds where both finished."""
     per_seed = []
     for m, a in zip(muon_runs, adamw_runs):
         diverged = [o for o, r in (("adamw", a), ("muon", m)) if r["status"] == "diverged"]
         if m["status"] == "diverged":
-            step = None
+            step = time = None
         elif a["status"] == "diverged":
-            step = 0.0
+            step = time = 0.0
         else:
-            step = interpolated_step(m["val"], a["final_val"])
+            step, time = (interpolated_step(m["val"], a["final_val"], x) for x in ("step", "time"))
+        adamw_time = a["val"][-1]["time"] if a["val"] else 0.0
         per_seed.append(dict(seed=m["seed"], adamw_final_val=a["final_val"], muon_final_val=m["final_val"],
                              muon_step=step, ratio=(step / horizon) if step is not None else 1.0,
+                             time_ratio=time / adamw_time if time is not None and adamw_time else None,
                              censored=step is None, diverged=diverged))
     ratios = [r["ratio"] for r in per_seed]
+    time_ratios = [r["time_ratio"] for r in per_seed if r["time_ratio"] is not None]
     gaps = [r["muon_final_val"] - r["adamw_final_val"] for r in per_seed if not r["diverged"]]
     return dict(horizon=horizon, per_seed=per_seed, mean_ratio=statistics.mean(ratios),
                 ratio_ci=mean_ci(ratios, n_boot), ratio_test=t_test_less(ratios, 1.0),
+                mean_time_ratio=statistics.mean(time_ratios) if time_ratios else None,
+                time_ratio_ci=mean_ci(time_ratios, n_boot) if time_ratios else None,
                 mean_loss_gap=statistics.mean(gaps) if gaps else None,
                 loss_gap_ci=mean_ci(gaps, n_boot) if gaps else None,
                 loss_gap_test=t_test_less(gaps, 0.0))
@@ -639,7 +646,8 @@ def tables(out):
     """study.md: per horizon the comparison (means over the seeds that finished), then every tuning score,
     the winner in bold and diverged configurations last."""
     lines = ["| horizon | AdamW final val (mean) | Muon final val (mean) | Muon/AdamW steps (mean) "
-             "| 95% CI (bootstrap) | p (ratio < 1) | per seed |", "|---|---|---|---|---|---|---|"]
+             "| 95% CI (bootstrap) | p (ratio < 1) | per seed | Muon/AdamW time (mean, 95% CI) |",
+             "|---|---|---|---|---|---|---|---|"]
     for h in out["horizons"]:
         p = h["ratio_test"]["p"] if h["ratio_test"] else float("nan")
         per = ", ".join(f"{r['ratio']:.2f}" + ("*" if r["censored"] else "") + ("†" if r["diverged"] else "")
@@ -647,7 +655,9 @@ def tables(out):
         finals = {k: [r[k] for r in h["per_seed"] if r[k] is not None] for k in ("adamw_final_val", "muon_final_val")}
         adamw_mean, muon_mean = (statistics.mean(xs) if xs else None for xs in finals.values())
         lines.append(f"| {h['horizon']} | {num(adamw_mean)} | {num(muon_mean)} | "
-                     f"{h['mean_ratio']:.3f} | {h['ratio_ci'][0]:.3f}-{h['ratio_ci'][1]:.3f} | {p:.2g} | {per} |")
+                     f"{h['mean_ratio']:.3f} | {h['ratio_ci'][0]:.3f}-{h['ratio_ci'][1]:.3f} | {p:.2g} | {per} | "
+                     + (f"{h['mean_time_ratio']:.3f} ({h['time_ratio_ci'][0]:.3f}-{h['time_ratio_ci'][1]:.3f}) |"
+                        if h.get("mean_time_ratio") is not None else "- |"))
     lines += ["", "\\* censored: Muon did not reach AdamW's final loss; † a run diverged (the worst outcome for it)",
               "", "| optimizer | configuration | tuning val loss |", "|---|---|---|"]
     for o, t in out["tuning"].items():

@@ -39,20 +39,22 @@ def test_star_grid_one_axis_at_a_time_with_tied_settings():
             S.parse_grid(text, "grid_muon")
 
 
-def curve(losses, every=10):
-    return [dict(step=i * every, loss=x) for i, x in enumerate(losses)]
+def curve(losses, every=10, seconds_per_step=1.0):
+    return [dict(step=i * every, loss=x, time=i * every * seconds_per_step) for i, x in enumerate(losses)]
 
 
 def test_ratio_per_seed_interpolates_and_censors():
     assert S.interpolated_step(curve([5.0, 4.0, 3.0]), 3.5) == pytest.approx(15.0)
     assert S.interpolated_step(curve([5.0, 4.0]), 3.0) is None
     adamw = [dict(seed=s, val=curve([6.0, 5.0, 4.0]), final_val=4.0, status="finished") for s in (0, 1, 2)]
-    muon = [dict(seed=0, val=curve([6.0, 4.0, 3.5]), final_val=3.5, status="finished"),  # step 10: ratio 0.5
+    muon = [dict(seed=0, val=curve([6.0, 4.0, 3.5], seconds_per_step=1.5), final_val=3.5, status="finished"),  # 0.5
             dict(seed=1, val=curve([6.0, 5.0, 4.0]), final_val=4.0, status="finished"),  # at step 20: ratio 1.0
             dict(seed=2, val=curve([6.0, 5.0, 4.5]), final_val=4.5, status="finished")]  # never: censored at 1.0
     out = S.compare_horizon(muon, adamw, 20, n_boot=2000)
     assert [r["ratio"] for r in out["per_seed"]] == [0.5, 1.0, 1.0]
     assert [r["censored"] for r in out["per_seed"]] == [False, False, True]
+    assert [r["time_ratio"] for r in out["per_seed"]] == [0.75, 1.0, None]  # 10 steps of 1.5 s vs AdamW's 20 s
+    assert out["mean_time_ratio"] == pytest.approx(0.875)
     assert out["mean_ratio"] == pytest.approx(2.5 / 3) and 0.5 <= out["ratio_ci"][0] <= out["ratio_ci"][1] <= 1.0
     same = S.compare_horizon(muon[:1] * 3, adamw, 20, n_boot=100)
     assert same["ratio_test"] is None  # no spread: the t-test is undefined, not p=0
