@@ -76,7 +76,7 @@ eps_adam = 1e-10
 grad_clip = 0.0  # clip the global grad norm (0 = off)
 # evaluation, logging, checkpoints
 eval_every = 250  # steps between evaluations of the val loss (and at the end)
-eval_tokens = 10 * 65536  # a fixed slice from the start of the val shard
+eval_tokens = 10 * 65536  # val tokens per evaluation: windows of batch_size x block_size spread over the val shard
 log_every = 10  # steps between printed train losses (every step goes to metrics.json)
 ckpt_every = 1000  # 0 = only at the end, on Ctrl-C and at stop_after_steps
 save_checkpoint = True  # False: write no checkpoints (then --resume has nothing to continue)
@@ -391,25 +391,29 @@ def batch(tokens, start, B, T, vocab_map=None):
 
 
 def load_data(cfg, files, val_file, world, vocab_map=None):
-    """(vocab table or None, val tokens), checked so that the first errors say what is wrong and how to fix it.
-    A resumed run passes its checkpoint's vocab table (same data, same table: not recounted)."""
+    """(vocab table or None, val windows), checked so that the first errors say what is wrong and how to fix it. The
+    val windows are eval_tokens // (batch_size * block_size) (x, y) batches spread evenly over the val shard, so the
+    val loss covers many of its documents. A resumed run passes its checkpoint's vocab table (not recounted)."""
+    B, T = cfg["batch_size"], cfg["block_size"]
     try:
-        DataLoader(files, cfg["batch_size"], cfg["block_size"], 0, world, cfg["grad_accum_steps"] // world)
+        DataLoader(files, B, T, 0, world, cfg["grad_accum_steps"] // world)
         if cfg["vocab_top"] and vocab_map is None:
             vocab_map = build_vocab_map([read_shard(f) for f in files], cfg["vocab_top"])
-        val, first = read_shard(val_file)[:cfg["eval_tokens"] + 1], read_shard(files[0])
+        val, first = read_shard(val_file), read_shard(files[0])
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    if vocab_map is not None:
-        val, first = vocab_map[val], vocab_map[first]
-    top_id = max(int(val.max()), int(first.max()))
+    n = min(cfg["eval_tokens"], len(val) - 1) // (B * T)
+    if n == 0:
+        raise SystemExit(f"error: {min(cfg['eval_tokens'], len(val) - 1)} val tokens (eval_tokens, or the val shard's "
+                         f"size) are less than one batch ({B}x{T}); raise eval_tokens or lower batch_size/block_size")
+    stride = (len(val) - 1 - B * T) // max(n - 1, 1)
+    windows = [batch(val, i * stride, B, T, vocab_map) for i in range(n)]
+    first = vocab_map[first] if vocab_map is not None else first
+    top_id = max(int(first.max()), *(int(torch.cat([x, y]).max()) for x, y in windows))
     if top_id >= cfg["vocab_size"]:
         raise SystemExit(f"error: the shards hold token id {top_id} but vocab_size={cfg['vocab_size']}; raise "
                          f"--vocab_size (50304 for GPT-2 BPE) or use --vocab_top=N")
-    if len(val) < cfg["batch_size"] * cfg["block_size"] + 1:
-        raise SystemExit(f"error: the val slice has {len(val)} tokens, less than one batch ({cfg['batch_size']}x"
-                         f"{cfg['block_size']}+1); raise eval_tokens or lower batch_size/block_size")
-    return vocab_map, val
+    return vocab_map, windows
 
 
 # ---- Schedules: pure functions of the step
@@ -588,19 +592,19 @@ def resume_point(label, identity, cfg):
 
 
 # ---- Evaluation, the plot, stop requests
-def evaluate(model, val_tokens, B, T, env, autocast):
-    """Mean loss over the fixed val slice, its B*T windows split among ranks. Under FSDP every rank runs as many
-    forward passes as the others (each all-gathers weights): a rank short of one runs an uncounted padding one."""
-    n_batches = (len(val_tokens) - 1) // (B * T)
-    rounds = -(-n_batches // env["world"]) * env["world"] if env["fsdp"] else n_batches
+def evaluate(model, windows, env, autocast):
+    """Mean loss over the val windows, split among ranks. Under FSDP every rank runs as many forward passes as the
+    others (each all-gathers weights): a rank short of one runs an uncounted padding one."""
+    n = len(windows)
+    rounds = -(-n // env["world"]) * env["world"] if env["fsdp"] else n
     total = torch.zeros(2, dtype=torch.float64, device=env["device"])  # loss sum, windows
     model.eval()
     with torch.no_grad():
         for i in range(env["rank"], rounds, env["world"]):
-            x, y = batch(val_tokens, (i if i < n_batches else 0) * B * T, B, T)
+            x, y = windows[i if i < n else 0]
             with autocast:
                 loss = model(x.to(env["device"]), y.to(env["device"])).item()
-            total += torch.tensor([loss, 1.0], dtype=torch.float64, device=env["device"]) * (i < n_batches)
+            total += torch.tensor([loss, 1.0], dtype=torch.float64, device=env["device"]) * (i < n)
     model.train()
     if env["world"] > 1:
         dist.all_reduce(total)
@@ -706,7 +710,7 @@ def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
     try:
         while status == "training":
             if step % cfg["eval_every"] == 0 or step == max_steps:
-                loss = evaluate(model, data["val_tokens"], B, T, env, autocast)
+                loss = evaluate(model, data["val_windows"], env, autocast)
                 run["val"].append(dict(step=step, loss=loss, time=train_time, tokens=step * tokens_per_step))
                 if wb:
                     wb.log(dict(val_loss=loss, time=train_time, tokens=step * tokens_per_step), step=step)
@@ -803,8 +807,8 @@ def train(cfg):
         if cfg["resume"] and not any(meta for _, meta in resume.values()):  # stops with "no checkpoint at ..."
             load_checkpoint(meta_file(checkpoint_path(cfg["out_dir"], runs[0][2], cfg["fsdp"]), cfg["fsdp"]), SCRIPT)
         saved = next((meta for _, meta in resume.values() if meta), {})
-        vocab_map, val_tokens = load_data(cfg, files, val_file, env["world"], saved.get("vocab_map"))
-        data = dict(files=files, vocab_map=vocab_map, val_tokens=val_tokens, resume=resume, identities=identities)
+        vocab_map, val_windows = load_data(cfg, files, val_file, env["world"], saved.get("vocab_map"))
+        data = dict(files=files, vocab_map=vocab_map, val_windows=val_windows, resume=resume, identities=identities)
         metrics = dict(config=cfg, code=code, tokens_per_step=cfg["batch_size"] * cfg["block_size"] *
                        cfg["grad_accum_steps"], world_size=env["world"], device=env["device"], runs={})
         os.makedirs(cfg["out_dir"], exist_ok=True)

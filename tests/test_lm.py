@@ -302,6 +302,20 @@ def test_the_seed_changes_the_batch_order_and_no_window_repeats_within_a_shard(d
     assert first_shard_windows(1) == seed1
 
 
+def test_the_val_windows_are_spread_over_the_whole_val_shard(tmp_path):
+    write_shard(str(tmp_path / "fineweb_val_000000.bin"), np.arange(10001) % 60000)  # token = its position
+    write_shard(str(tmp_path / "fineweb_train_000001.bin"), np.arange(2000))
+    files = [str(tmp_path / "fineweb_train_000001.bin")]
+    cfg = dict(train_muon.CONFIG, batch_size=2, block_size=8, grad_accum_steps=1, eval_tokens=160, vocab_top=0)
+    _, windows = train_muon.load_data(cfg, files, str(tmp_path / "fineweb_val_000000.bin"), world=1)
+    starts = [int(x[0, 0]) for x, _ in windows]
+    assert len(windows) == 10 and starts[0] == 0 and starts[-1] >= 10000 - 2 * 16  # first to last part
+    assert all(b - a >= 16 for a, b in zip(starts, starts[1:]))  # disjoint windows
+    assert all(torch.equal(x.flatten()[1:], y.flatten()[:-1]) for x, y in windows)
+    with pytest.raises(SystemExit, match="less than one batch"):
+        train_muon.load_data(dict(cfg, eval_tokens=15), files, str(tmp_path / "fineweb_val_000000.bin"), world=1)
+
+
 def test_vocab_top_maps_rare_tokens_to_one_id(tmp_path):
     path = str(tmp_path / "fineweb_train_000001.bin")
     write_shard(path, np.array([5] * 50 + [9] * 30 + [7] * 20 + [1, 2, 3] * 10))
