@@ -26,8 +26,6 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from tqdm import tqdm
 
 from model_keller import GPT, GPTConfig
@@ -545,6 +543,8 @@ def write_checkpoint(path, meta, model, optimizer, env):
         if os.path.exists(path):
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
+    import torch.distributed.checkpoint as dcp  # imported only here: it takes a second, and only FSDP needs it
+    from torch.distributed.checkpoint.state_dict import get_state_dict
     dcp.save(dict(zip(("model", "optimizer"), get_state_dict(model, optimizer))), checkpoint_id=tmp)
     if env["master"]:
         atomic_save(meta, meta_file(tmp, True))
@@ -560,6 +560,8 @@ def read_checkpoint(path, meta, model, optimizer, env):
     load_state_dict restores the saved param-group options: this run's are put back, so the command line wins."""
     configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     if env["fsdp"]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
         state = dict(zip(("model", "optimizer"), get_state_dict(model, optimizer)))
         dcp.load(state, checkpoint_id=path)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
