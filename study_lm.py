@@ -365,17 +365,20 @@ def run_args(cfg, opt, values, data, seed, steps, run_dir):
             + cfg["model"].split() + [f"--{k}={v}" for k, v in values.items()])
 
 
-def check_runs(cfg, plan):
+def check_runs(cfg, plan, wanted):
     """Each configuration's train_muon.py command checked by the trainer itself (--dry_run=True: its ranges and
-    choices, e.g. ns_method or normuon) before the first run trains, so a bad grid value never costs other runs."""
+    choices, e.g. ns_method or normuon) before the first run trains, so a bad grid value never costs other runs.
+    A configuration whose tuning runs are all cached was checked when they trained."""
     def check(spec):
         o, values = spec
         args = run_args(cfg, o, values, cfg["tune_data"], plan["tune_seeds"][0], cfg["tune_steps"],
                         os.path.join(cfg["out_dir"], "dry_run"))
         return o, values, subprocess.run([sys.executable, *args, "--dry_run=True"], cwd=HERE, capture_output=True,
                                          text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    new = [(o, c) for o in ("adamw", "muon") for c in plan["configs"][o] if not all(
+        cached(cfg, ("tune", o, c, cfg["tune_data"], s, cfg["tune_steps"]), wanted) for s in plan["tune_seeds"])]
     with ThreadPoolExecutor(cfg["jobs"]) as pool:
-        for o, values, proc in pool.map(check, [(o, c) for o in ("adamw", "muon") for c in plan["configs"][o]]):
+        for o, values, proc in pool.map(check, new):
             if proc.returncode != 0:
                 why = (proc.stderr.strip().splitlines() or [f"train_muon.py exit {proc.returncode}"])[-1]
                 raise ValueError(f"--grid_{o} configuration {fmt(values)}: {why}")
@@ -405,15 +408,28 @@ def result_problems(m, wanted):
     return identity_diff({k: run["identity"].get(k) for k in wanted}, wanted)
 
 
+def run_paths(cfg, spec):
+    """(name, run dir, train_muon.py arguments) of one run of the study."""
+    phase, opt, values, data, seed, steps = spec
+    name = f"{phase}_{config_name(opt, values)}_seed{seed}_steps{steps}"
+    run_dir = os.path.join(cfg["out_dir"], "runs", name)
+    return name, run_dir, run_args(cfg, opt, values, data, seed, steps, run_dir)
+
+
+def cached(cfg, spec, wanted):
+    """True if the run's dir holds its result: the same arguments and the wanted identity, finished or diverged."""
+    _, run_dir, args = run_paths(cfg, spec)
+    m = read_metrics(run_dir)
+    return m is not None and m.get("study_args") == args and not result_problems(m, wanted[spec[3]])
+
+
 def run_one(cfg, spec, wanted, launch):
     """One run's record: from a cached run dir when its arguments and identity are the ones wanted, else
     trained now. A run stopped by a signal, or trained on other code or data than the study's, is an error."""
     phase, opt, values, data, seed, steps = spec
-    name = f"{phase}_{config_name(opt, values)}_seed{seed}_steps{steps}"
-    run_dir = os.path.join(cfg["out_dir"], "runs", name)
-    args = run_args(cfg, opt, values, data, seed, steps, run_dir)
+    name, run_dir, args = run_paths(cfg, spec)
     m = read_metrics(run_dir)
-    if m is None or m.get("study_args") != args or result_problems(m, wanted[data]):
+    if not cached(cfg, spec, wanted):
         if m is not None:
             os.remove(os.path.join(run_dir, "metrics.json"))  # never read back a stale result
         code, output = launch(args)
@@ -591,10 +607,10 @@ def study(cfg):
     the results (also written to out_dir/results.json, study.md and study.png)."""
     cfg = dict(cfg, **{k: os.path.abspath(cfg[k]) for k in ("tune_data", "report_data", "out_dir")})
     plan = check_settings(cfg)
-    check_runs(cfg, plan)
     configs, axes = plan["configs"], plan["axes"]
     code = source_hash(*(os.path.join(HERE, f) for f in CODE_FILES))
     wanted = wanted_identity(cfg, plan, code)
+    check_runs(cfg, plan, wanted)
     os.makedirs(cfg["out_dir"], exist_ok=True)
     print(f"tuning: {len(configs['adamw'])} configurations per optimizer on {cfg['tune_data']}, seeds "
           f"{plan['tune_seeds']}, {cfg['tune_steps']} steps; report: {cfg['report_data']}, seeds {plan['seeds']}, "
