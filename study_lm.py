@@ -37,7 +37,8 @@ out_dir/study.md (the tables) and out_dir/study.png.
 
 --compare=dirA,dirB,... runs no study: it shows every run of those train_muon.py out_dirs side by side,
 each known by its dir and label (`dirA:muon`), with the settings that differ, and the step at which the
-fastest Muon run reaches the best AdamW run's final val loss; out_dir/compare.json and compare.png. It
+fastest Muon run reaches the best AdamW run's final val loss, and per group of runs that differ only in the
+seed the mean and sd of the final val loss; out_dir/compare.json and compare.png. It
 refuses runs that did not finish and runs on other data or other batch sizes.
 Every constant below can be overridden as --name=value (flags: True/False, lists: comma-separated).
 """
@@ -805,10 +806,36 @@ def plot_compare(runs, path):
     plt.close(fig)
 
 
+NOT_A_SETTING = ("seed", "out_dir", "data_dir", "threads", "resume", "stop_after_steps", "log_every", "ckpt_every",
+                 "save_checkpoint", "wandb_log", "wandb_project", "wandb_run_name")  # the same run, other seeds or dirs
+
+
+def seed_groups(runs):
+    """Runs whose identities differ only in the seed (or in NOT_A_SETTING) form one group: per group the settings
+    in which it differs from the first group, its runs, seeds, and the mean and standard deviation of the final
+    val loss over them. Prints one line per group and returns the groups."""
+    keyed = {}
+    for name, run in runs.items():
+        key = json.dumps({k: v for k, v in run["identity"].items() if k not in NOT_A_SETTING}, sort_keys=True)
+        keyed.setdefault(key, []).append(name)
+    groups, first = [], json.loads(next(iter(keyed)))
+    for key, names in keyed.items():
+        finals = [runs[n]["val"][-1]["loss"] for n in names]
+        differs = identity_diff(first, json.loads(key))
+        groups.append(dict(differs=differs, runs=names, seeds=[runs[n]["identity"]["seed"] for n in names],
+                           final_val_mean=statistics.mean(finals),
+                           final_val_sd=statistics.stdev(finals) if len(finals) > 1 else None))
+        sd = f" ± {groups[-1]['final_val_sd']:.4f} (sd)" if len(finals) > 1 else ""
+        print(f"{'; '.join(differs) or 'the first group'}: seeds {groups[-1]['seeds']}, final val loss "
+              f"{groups[-1]['final_val_mean']:.4f}{sd}")
+    return groups
+
+
 def compare_dirs(out_dirs, out):
     """--compare: every finished run of the out_dirs side by side -> out/compare.json and out/compare.png."""
     runs = load_compared(out_dirs)
     summary = compare_summary(runs)
+    summary["seed_groups"] = seed_groups(runs)
     os.makedirs(out, exist_ok=True)
     kept = {name: {k: v for k, v in run.items() if k != "train"} for name, run in runs.items()}
     atomic_write_json(dict(compared=out_dirs, runs=kept, summary=summary), os.path.join(out, "compare.json"))

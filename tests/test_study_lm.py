@@ -66,6 +66,18 @@ def test_ratio_per_seed_interpolates_and_censors():
     assert out["mean_loss_gap"] == pytest.approx(-0.5)  # only the seed where both finished
 
 
+def test_compare_groups_runs_that_differ_only_in_the_seed():
+    def run(seed, split, loss, out_dir):
+        identity = dict(seed=seed, muon_split=split, out_dir=out_dir, source_hash="c", data_hash="d")
+        return dict(identity=identity, val=[dict(step=0, loss=9.0), dict(step=10, loss=loss)])
+    runs = {"a:muon": run(0, "none", 3.0, "a"), "b:muon": run(1, "none", 3.2, "b"), "c:muon": run(0, "qkv", 2.9, "c"),
+            "d:muon": run(1, "qkv", 2.9, "d"), "e:muon": run(2, "qkv", 3.2, "e")}
+    none, qkv = S.seed_groups(runs)
+    assert none["runs"] == ["a:muon", "b:muon"] and none["differs"] == [] and none["seeds"] == [0, 1]
+    assert none["final_val_mean"] == pytest.approx(3.1) and none["final_val_sd"] == pytest.approx(0.02 ** 0.5)
+    assert qkv["differs"] == ["muon_split: 'none' -> 'qkv'"] and qkv["final_val_mean"] == pytest.approx(3.0)
+
+
 def write_shards(d, seed, n_train=2, tokens=20000, vocab=300):
     os.makedirs(d, exist_ok=True)
     rng = np.random.default_rng(seed)
