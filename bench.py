@@ -70,22 +70,20 @@ SECTIONS = ("speed", "quality", "step", "showdown", "distributed", "gpu", "gpu_n
 
 
 def parse_overrides(argv, defaults):
-    """--name=value overrides of the constants at the top of a script (nanoGPT style).
-    Flags are True/False; ints and floats are parsed as numbers (--eval_tokens=1e5 is an int if
-    whole); strings are taken as written; lists are comma-separated strings. Unknown names and
-    values of the wrong type stop with a message that lists the valid choices; --help (or -h)
-    prints every setting with its default and comment."""
+    """--name=value overrides of the constants at the top of a script (nanoGPT style): flags True/False, numbers
+    parsed (--eval_tokens=1e5 is an int if whole), strings and comma lists as written. A wrong name or value
+    stops with a message naming the choices; --help (or -h) prints every setting with its default and comment."""
     config = dict(defaults)
     for arg in argv:
         if arg in ("-h", "--help"):
             print(settings_help(defaults))
             raise SystemExit(0)
-        if not arg.startswith("--") or "=" not in arg:
+        key, eq, text = arg[2:].partition("=")
+        if not arg.startswith("--") or not eq:
             raise SystemExit(f"bad argument {arg!r}: use --name=value (names: {', '.join(config)}; --help lists them)")
-        key, text = arg[2:].split("=", 1)
         if key not in config:
             raise SystemExit(f"unknown setting --{key}; known: {', '.join(config)}")
-        default = config[key]
+        default, value = config[key], text
         if isinstance(default, bool):
             if text not in ("True", "False"):
                 raise SystemExit(f"--{key}={text}: expected True or False")
@@ -95,30 +93,23 @@ def parse_overrides(argv, defaults):
                 value = float(text)
             except ValueError:
                 raise SystemExit(f"--{key}={text}: expected a number") from None
-            if isinstance(default, int):
-                if not value.is_integer():
-                    raise SystemExit(f"--{key}={text}: expected a whole number")
-                value = int(value)
-        else:
-            value = text
+            if isinstance(default, int) and not value.is_integer():
+                raise SystemExit(f"--{key}={text}: expected a whole number")
+            value = type(default)(value)
         config[key] = value
     return config
 
 
 def settings_help(defaults):
     """Every setting as --name=default with the comment beside its constant at the top of this file."""
-    with open(__file__) as f:
-        lines = f.read().splitlines()
     comments = {}
-    for line in lines:
-        name, eq, rest = line.partition(" = ")
-        if eq and name in defaults and name not in comments:
-            comments[name] = rest.split("  # ", 1)[1] if "  # " in rest else ""
-    shown = {k: f"--{k}={v}" for k, v in defaults.items()}
-    width = min(40, max(map(len, shown.values())))
+    with open(__file__) as f:
+        for name, eq, rest in (line.rstrip("\n").partition(" = ") for line in f):
+            if eq and name in defaults and name not in comments:
+                comments[name] = rest.split("  # ", 1)[1] if "  # " in rest else ""
+    width = min(40, max(len(f"--{k}={v}") for k, v in defaults.items()))
     out = [f"python {os.path.basename(__file__)} [--name=value ...]  (flags True/False, lists comma-separated)"]
-    out += [f"  {shown[k]:<{width}}  {comments.get(k, '')}".rstrip() for k in defaults]
-    return "\n".join(out)
+    return "\n".join(out + [f"  {f'--{k}={v}':<{width}}  {comments.get(k, '')}".rstrip() for k, v in defaults.items()])
 
 
 if __name__ in ("__main__", "__mp_main__"):  # __mp_main__: a spawned worker (bench_distributed) runs this
