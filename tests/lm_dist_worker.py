@@ -16,4 +16,5 @@ if __name__ == "__main__":
     with open(sys.argv[1]) as f:
         for cfg in json.load(f):
             train_muon.train(cfg)
+    dist.barrier()  # no rank tears its group down while the other still talks to it
     dist.destroy_process_group()

@@ -637,6 +637,7 @@ def dist_worker(rank, world, port, out_dir, dtype=None):
     torch.save({"params": [p.detach() for p in params], "state": opt.state_dict()},
                os.path.join(out_dir, f"r{rank}_w{world}.pt"))
     if world > 1:
+        dist.barrier()  # no rank tears its group down while the other still talks to it
         dist.destroy_process_group()
 
 
