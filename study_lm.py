@@ -2,7 +2,7 @@
 study_lm.py -- the Muon-vs-AdamW language-model study: tune both optimizers on one part of a corpus,
 then compare the winners on a disjoint part, at two horizons and over seeds.
 
-    python study_lm.py                                   # the tiny Shakespeare config (data: below)
+    python study_lm.py                                   # the tiny config on the torch-source corpus (below)
     python study_lm.py --jobs=14 --device=cuda           # the same study, 14 runs at a time on one GPU
     python study_lm.py --compare=out/a,out/b             # compare finished train_muon.py runs (no study)
 
@@ -20,11 +20,15 @@ out_dir/runs/<run>/ with its metrics.json; `jobs` of them run at a time.
    (linear interpolation between evals) over the horizon. Summary per horizon: mean ratio with a
    bootstrap 95% CI over seeds, a one-sided t-test of ratio < 1, and the paired final-loss gap.
 
-Data: two disjoint parts of a corpus, e.g. Shakespeare's plays a*-l* and m*-z* (GPT-2 BPE):
+Data: two disjoint parts of a corpus, by default the Python source of the installed torch package split by
+subpackage (GPT-2 BPE; 9.3M and 11.0M tokens, so 3000 steps of 1,024 tokens never repeat a window):
 
-    TIKTOKEN_CACHE_DIR=../shared/data/tiktoken_cache python prepare_fineweb.py --encoding=r50k_base \\
-        --input='../shared/data/shakespeare/[a-l]*.txt' --shard_size=5e4 --txt_sample_by=paragraph \\
-        --shuffle_seed=0 --out_dir=data/shakespeare_tune      # and [m-z] -> data/shakespeare_report
+    for part in "tune:_*" "report:[!_]*"; do
+      python prepare_fineweb.py --input="torch:${part#*:}/**/*.py" --encoding=r50k_base --shard_size=5e5 \\
+          --shuffle_seed=0 --out_dir=data/torch_${part%%:*}
+    done
+
+(results/torch_corpus.md; Shakespeare's plays a*-l* / m*-z*: results/lm.md.)
 
 Only finished runs of the identity the study asks for count. At start the study hashes the trainer's
 code (train_muon.py, model_keller.py, muon_optim.py) and the shards of each data part; a run is reused
@@ -60,19 +64,21 @@ from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # config (override with --name=value)
-tune_data = "data/shakespeare_tune"  # shards of one part of the corpus (prepare_fineweb.py)
-report_data = "data/shakespeare_report"  # shards of a disjoint part: the reported comparison
+tune_data = "data/torch_tune"  # shards of one part of the corpus (prepare_fineweb.py; results/torch_corpus.md)
+report_data = "data/torch_report"  # shards of a disjoint part: the reported comparison
 model = ("--vocab_top=4096 --n_layer=4 --n_embd=128 --n_head=4 --block_size=128 --batch_size=8 --grad_accum_steps=1 "
-         "--warmup_steps=20 --momentum_muon_warmup=100 --eval_every=25 --eval_tokens=8192")  # train_muon.py flags
+         "--warmup_steps=20 --momentum_muon_warmup=100 --eval_every=50 --eval_tokens=16384")  # train_muon.py flags
 tune_steps = 300
 tune_seeds = "100"
-horizons = "300,1000"
+horizons = "300,1000,3000"
 seeds = "0,1,2"  # must be disjoint from tune_seeds
-# star grids: "name=center,other,other;name=..."; name+name=a+b,c+d ties two settings (one axis)
-grid_adamw = "lr_adamw=8e-3,2e-3,4e-3,6e-3,1.2e-2,1.6e-2,3.2e-2;weight_decay=0.1,0,0.01,0.03,0.3,1,3,10"
-grid_muon = ("lr_muon=0.0125,0.00625,0.025,0.05;lr_embed=0.6,0.3,1.2;lr_head=0.008,0.004,0.016;"
-             "ns_method=newton_schulz,polar_express;normuon=0.95,0,0.9,0.99;"
-             "weight_decay_muon+cautious_wd=0+False,0.1+False,0.1+True")  # both: second tuning round, results/lm.md
+# star grids: "name=center,other,other;name=..."; name+name=a+b,c+d ties two settings (one axis). Both arms tune
+# their hidden matrices' lr and weight decay and the Adam groups' lrs (embed, head, scalars); 14 configurations each
+grid_adamw = ("lr_adamw=4e-3,1e-3,2e-3,8e-3,1.6e-2;weight_decay=1,0.1,0.3,3;lr_embed=0.6,0.2,1.2;"
+              "lr_head=0.008,0.004,0.016;lr_scalar=0.04,0.02,0.08")
+grid_muon = ("lr_muon=0.0125,0.00625,0.025,0.05;weight_decay_muon+cautious_wd=0+False,0.1+False,0.1+True;"
+             "lr_embed=0.6,0.2,1.2;lr_head=0.008,0.004,0.016;lr_scalar=0.04,0.02,0.08;normuon=0.95,0;"
+             "ns_method=polar_express,newton_schulz")
 n_boot = 10000
 jobs = 2  # runs at a time (each: one CPU thread, or a share of the GPU)
 device = "auto"  # passed to train_muon.py: auto | cpu | cuda
