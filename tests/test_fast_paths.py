@@ -77,6 +77,7 @@ def kernel_results():
     return json.loads(line[len("RESULT"):])
 
 
+@pytest.mark.xdist_group("triton_interpreter")  # one worker runs the module fixture they share, once
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("op", ["xxt", "xxt_strided", "poly"])
 def test_triton_kernels_match_torch(kernel_results, op, dtype):
@@ -86,6 +87,7 @@ def test_triton_kernels_match_torch(kernel_results, op, dtype):
     assert not bad, f"relative error above {TOL[dtype]}: {bad}"
 
 
+@pytest.mark.xdist_group("triton_interpreter")  # one worker runs the module fixture they share, once
 def test_triton_xxt_is_symmetric_with_input_dtype(kernel_results):
     # off-diagonal tiles are written twice from the same registers: exactly mirrored; diagonal
     # tiles are computed whole, so allow fp32 round-off there
@@ -187,6 +189,7 @@ def test_triton_self_check_covers_every_kernel_configuration():
     assert not out["used"]
 
 
+@pytest.mark.xdist_group("triton_interpreter")  # one worker runs the module fixture they share, once
 def test_iterations_dispatch_to_kernels(kernel_results):
     # NS5: X X^T and the polynomial per step; Gram (restart after 2): R, 2 P, 1 P^2, then R, 3 P, 2 P^2
     assert kernel_results["launches"] == 5 * 2 + (1 + 2 + 1) + (1 + 3 + 2)

@@ -353,6 +353,7 @@ def four_ranks(ckpt_dir, two_ranks):  # loads the checkpoint the 2-rank suite sa
     return spawn("four_rank_suite", 4, ckpt_dir)
 
 
+@pytest.mark.xdist_group("fsdp_suites")  # one worker runs the module fixture they share, once
 def test_fsdp_two_ranks_equal_one_process(two_ranks):
     for config in CONFIGS:
         ref_model, ref_opt = reference(config)
@@ -376,6 +377,7 @@ def test_fsdp_two_ranks_equal_one_process(two_ranks):
     assert "distributed=False" in single and "use Muon" in single
 
 
+@pytest.mark.xdist_group("fsdp_suites")  # one worker runs the module fixture they share, once
 def test_plain_and_sharded_parameters_mixed(two_ranks):
     ref_model, _ = reference("normuon_pe_cwd")
     for got in two_ranks:
@@ -383,6 +385,7 @@ def test_plain_and_sharded_parameters_mixed(two_ranks):
         assert_matches(got["fsdp_mixed"], ref_model)
 
 
+@pytest.mark.xdist_group("fsdp_suites")  # one worker runs the module fixture they share, once
 def test_four_ranks_empty_shards_and_none_grad(four_ranks):
     ref_model, _ = reference("normuon_pe_cwd", rows=3, unused=True)
     for got in four_ranks:
@@ -392,6 +395,7 @@ def test_four_ranks_empty_shards_and_none_grad(four_ranks):
     assert [got["fsdp_empty_shards"]["narrow_rows"] for got in four_ranks] == [1, 1, 1, 0]
 
 
+@pytest.mark.xdist_group("fsdp_suites")  # one worker runs the module fixture they share, once
 def test_dcp_save_two_ranks_load_one_rank(ckpt_dir, two_ranks):
     assert all("error" not in got["dcp_save"] for got in two_ranks), two_ranks[0]["dcp_save"].get("tb")
     (got,) = spawn("one_rank_suite", 1, ckpt_dir)
@@ -401,6 +405,7 @@ def test_dcp_save_two_ranks_load_one_rank(ckpt_dir, two_ranks):
     assert_matches(got, reference("normuon_pe_cwd")[0])
 
 
+@pytest.mark.xdist_group("fsdp_suites")  # one worker runs the module fixture they share, once
 def test_dcp_save_two_ranks_load_four_ranks(four_ranks):
     ref_model, _ = reference("normuon_pe_cwd")
     for got in four_ranks:
@@ -408,6 +413,7 @@ def test_dcp_save_two_ranks_load_four_ranks(four_ranks):
         assert_matches(got["dcp_load"], ref_model)
 
 
+@pytest.mark.xdist_group("fsdp_suites")  # one worker runs the module fixture they share, once
 def test_hsdp_2x2_mesh(four_ranks):
     ref_model, _ = reference("normuon_pe_cwd")
     for got in four_ranks:
@@ -415,6 +421,7 @@ def test_hsdp_2x2_mesh(four_ranks):
     assert four_ranks[0]["hsdp"]["placements"] == "(Replicate(), Shard(dim=0))"
 
 
+@pytest.mark.xdist_group("fsdp_suites")  # one worker runs the module fixture they share, once
 def test_split_blocks_spanning_shards_equal_one_process(ckpt_dir, two_ranks):
     """split under FSDP2: blocks that span two ranks' rows, unequal blocks, NorMuon per block (its
     statistic one replicated vector per parameter) and stats per block equal one plain process; so does
@@ -442,6 +449,7 @@ def test_split_blocks_spanning_shards_equal_one_process(ckpt_dir, two_ranks):
      r"ranks disagree.*parameter 0 of param group 0 \('muon'\): rank 0 has .*\(3, 16, 4\).*rank 1 has"),
     ("mismatch_grad", r"parameter \d of param group 0 \('muon'\) \(shape \(24, 7\), sharded\).*gradient on some ranks"),
 ])
+@pytest.mark.xdist_group("fsdp_suites")  # one worker runs the module fixture they share, once
 def test_rank_mismatch_raises_instead_of_hanging(two_ranks, scenario, message):
     import re
     for got in two_ranks:

@@ -121,6 +121,7 @@ def study(tmp_path_factory):
     return tmp_path, args, proc
 
 
+@pytest.mark.xdist_group("tiny_study")  # one worker runs the module fixture they share, once
 def test_a_diverging_configuration_is_recorded_as_failed_and_the_study_goes_on(study):
     tmp_path, args, proc = study
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -143,6 +144,7 @@ def test_a_diverging_configuration_is_recorded_as_failed_and_the_study_goes_on(s
     assert os.path.exists(tmp_path / "out" / "study.png")
 
 
+@pytest.mark.xdist_group("tiny_study")  # one worker runs the module fixture they share, once
 def test_rerun_reuses_only_runs_of_an_equal_identity(study):
     """A rerun reuses every run; after the report shards are rewritten under the same paths, the report runs
     retrain (the tune runs, on unchanged data, are still reused)."""
@@ -283,6 +285,7 @@ def test_a_file_edited_during_the_study_is_refused(tmp_path):
     assert not os.path.exists(tmp_path / "out" / "results.json")
 
 
+@pytest.mark.xdist_group("tiny_study")  # one worker runs the module fixture they share, once
 def test_compare_keeps_every_run_and_refuses_other_data(study):
     """--compare identifies runs by identity: the two tuning dirs both hold a run labeled `muon` and both are
     shown, labeled by dir; a run on the report data next to one on the tune data is refused."""
