@@ -535,6 +535,16 @@ def interpolated_step(val, target, x="step"):
     return None
 
 
+def stays_below_step(val, target):
+    """The first eval step from which the val curve stays at or below target to the end (None if its end is
+    above): unlike the first crossing, a dip of the curve that the data causes and that it climbs out of again
+    does not count."""
+    above = [i for i, pt in enumerate(val) if pt["loss"] > target]
+    if not above:
+        return float(val[0]["step"])
+    return float(val[above[-1] + 1]["step"]) if above[-1] + 1 < len(val) else None
+
+
 def mean_ci(xs, n_boot):
     """95% bootstrap CI of the mean over seeds."""
     return bootstrap_ci([xs], lambda x: x.mean(axis=1), n_boot)
@@ -563,16 +573,20 @@ def compare_horizon(muon_runs, adamw_runs, horizon, n_boot):
             step = time = 0.0
         else:
             step, time = (interpolated_step(m["val"], a["final_val"], x) for x in ("step", "time"))
+        stays = stays_below_step(m["val"], a["final_val"]) if step else step  # None: never; 0.0: AdamW diverged
         adamw_time = a["val"][-1]["time"] if a["val"] else 0.0
         per_seed.append(dict(seed=m["seed"], adamw_final_val=a["final_val"], muon_final_val=m["final_val"],
                              muon_step=step, ratio=(step / horizon) if step is not None else 1.0,
                              time_ratio=time / adamw_time if time is not None and adamw_time else None,
+                             stays_ratio=(stays / horizon) if stays is not None else 1.0,
                              censored=step is None, diverged=diverged))
     ratios = [r["ratio"] for r in per_seed]
     time_ratios = [r["time_ratio"] for r in per_seed if r["time_ratio"] is not None]
     gaps = [r["muon_final_val"] - r["adamw_final_val"] for r in per_seed if not r["diverged"]]
     return dict(horizon=horizon, per_seed=per_seed, mean_ratio=statistics.mean(ratios),
                 ratio_ci=mean_ci(ratios, n_boot), ratio_test=t_test_less(ratios, 1.0),
+                mean_stays_ratio=statistics.mean(r["stays_ratio"] for r in per_seed),
+                stays_ratio_ci=mean_ci([r["stays_ratio"] for r in per_seed], n_boot),
                 mean_time_ratio=statistics.mean(time_ratios) if time_ratios else None,
                 time_ratio_ci=mean_ci(time_ratios, n_boot) if time_ratios else None,
                 mean_loss_gap=statistics.mean(gaps) if gaps else None,
@@ -660,8 +674,8 @@ def tables(out):
     """study.md: per horizon the comparison (means over the seeds that finished), then every tuning score,
     the winner in bold and diverged configurations last."""
     lines = ["| horizon | AdamW final val (mean) | Muon final val (mean) | Muon/AdamW steps (mean) "
-             "| 95% CI (bootstrap) | p (ratio < 1) | per seed | Muon/AdamW time (mean, 95% CI) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| 95% CI (bootstrap) | p (ratio < 1) | per seed | Muon/AdamW time (mean, 95% CI) "
+             "| steps until Muon stays below (mean, 95% CI) |", "|---|---|---|---|---|---|---|---|---|"]
     for h in out["horizons"]:
         p = h["ratio_test"]["p"] if h["ratio_test"] else float("nan")
         per = ", ".join(f"{r['ratio']:.2f}" + ("*" if r["censored"] else "") + ("†" if r["diverged"] else "")
@@ -671,7 +685,8 @@ def tables(out):
         lines.append(f"| {h['horizon']} | {num(adamw_mean)} | {num(muon_mean)} | "
                      f"{h['mean_ratio']:.3f} | {h['ratio_ci'][0]:.3f}-{h['ratio_ci'][1]:.3f} | {p:.2g} | {per} | "
                      + (f"{h['mean_time_ratio']:.3f} ({h['time_ratio_ci'][0]:.3f}-{h['time_ratio_ci'][1]:.3f}) |"
-                        if h.get("mean_time_ratio") is not None else "- |"))
+                        if h.get("mean_time_ratio") is not None else "- |")
+                     + f" {h['mean_stays_ratio']:.3f} ({h['stays_ratio_ci'][0]:.3f}-{h['stays_ratio_ci'][1]:.3f}) |")
     lines += ["", "\\* censored: Muon did not reach AdamW's final loss; † a run diverged (the worst outcome for it)",
               "", "| optimizer | configuration | tuning val loss |", "|---|---|---|"]
     for o, t in out["tuning"].items():

@@ -55,6 +55,10 @@ def test_ratio_per_seed_interpolates_and_censors():
     assert [r["censored"] for r in out["per_seed"]] == [False, False, True]
     assert [r["time_ratio"] for r in out["per_seed"]] == [0.75, 1.0, None]  # 10 steps of 1.5 s vs AdamW's 20 s
     assert out["mean_time_ratio"] == pytest.approx(0.875)
+    assert [r["stays_ratio"] for r in out["per_seed"]] == [0.5, 1.0, 1.0]
+    dip = dict(seed=0, val=curve([6.0, 4.0, 4.5, 3.8, 3.7]), final_val=3.7, status="finished")  # at 10, not for good
+    (r,) = S.compare_horizon([dip], adamw[:1], 40, n_boot=100)["per_seed"]
+    assert r["ratio"] == 0.25 and r["stays_ratio"] == 0.75
     assert out["mean_ratio"] == pytest.approx(2.5 / 3) and 0.5 <= out["ratio_ci"][0] <= out["ratio_ci"][1] <= 1.0
     same = S.compare_horizon(muon[:1] * 3, adamw, 20, n_boot=100)
     assert same["ratio_test"] is None  # no spread: the t-test is undefined, not p=0
