@@ -650,6 +650,46 @@ class StopRequest:
 
 
 # ---- Training
+def train_step(step, model, optimizer, fwd, loader, cfg, env, autocast):
+    """One optimizer step: the scheduled lr (and Muon momentum), grad_accum_steps micro-steps split among the ranks
+    (gradients reduced on the last one only), clipping, the update. Returns (mean train loss, lr multiplier)."""
+    lr_mult = lr_multiplier(step, cfg["max_steps"], cfg["warmup_steps"], cfg["cooldown_frac"], cfg["min_lr_frac"])
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lr_mult
+        if group.get("use_muon"):
+            group["momentum"] = muon_momentum_at(step, cfg["momentum_muon_warmup"], cfg["momentum_muon"])
+    accum, loss_sum = cfg["grad_accum_steps"] // env["world"], torch.zeros((), device=env["device"])
+    for i, (x, y) in enumerate(loader.next_batches()):
+        if env["ddp"]:
+            fwd.require_backward_grad_sync = i == accum - 1
+        if env["fsdp"]:
+            model.set_requires_gradient_sync(i == accum - 1)
+        with autocast:
+            loss = fwd(x.to(env["device"], non_blocking=True), y.to(env["device"], non_blocking=True))
+        (loss / accum).backward()
+        loss_sum += loss.detach()
+    if cfg["grad_clip"]:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if env["world"] > 1:
+        dist.all_reduce(loss_sum)
+    return loss_sum.item() / (accum * env["world"]), lr_mult
+
+
+def print_end(label, status, what, step, path, last_good, cfg):
+    """How a run that did not finish ended, and how to go on."""
+    if status == "diverged":
+        kept = f"the last good checkpoint ({path}, step {last_good}) is kept" if last_good else "none was saved before"
+        print(f"error: non-finite {what} in run {label!r} at step {step}; stopping without saving this state, "
+              f"{kept}. Lower the learning rate, add warmup (--warmup_steps) or set --grad_clip=1.0, and "
+              f"start over with --resume=False", file=sys.stderr)
+    elif status == "stopped":
+        tqdm.write(f"{label}: stopped at step {step}; " + (
+            f"checkpoint {path}; continue with --resume=True" if cfg["save_checkpoint"] else
+            "no checkpoint (--save_checkpoint=False): a rerun starts this run over"))
+
+
 def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
     """Train one run to max_steps, from the shared initial weights or where its checkpoint left off (weights,
     optimizer, data position, RNG, the metrics so far). Returns (steps trained here, status): "finished";
@@ -711,29 +751,9 @@ def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
             if step == max_steps:
                 status = "finished"
                 break
-            lr_mult = lr_multiplier(step, max_steps, cfg["warmup_steps"], cfg["cooldown_frac"], cfg["min_lr_frac"])
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lr_mult
-                if group.get("use_muon"):
-                    group["momentum"] = muon_momentum_at(step, cfg["momentum_muon_warmup"], cfg["momentum_muon"])
-            t0, loss_sum = time.perf_counter(), torch.zeros((), device=device)
-            for i, (x, y) in enumerate(loader.next_batches()):
-                if env["ddp"]:  # reduce the gradients only on the last micro-step
-                    fwd.require_backward_grad_sync = i == accum - 1
-                if env["fsdp"]:
-                    model.set_requires_gradient_sync(i == accum - 1)
-                with autocast:
-                    loss = fwd(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-                (loss / accum).backward()
-                loss_sum += loss.detach()
-            if cfg["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if world > 1:
-                dist.all_reduce(loss_sum)
-            loss_value = loss_sum.item() / (accum * world)  # .item() syncs the device, so the time below is real
-            dt = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            loss_value, lr_mult = train_step(step, model, optimizer, fwd, loader, cfg, env, autocast)
+            dt = time.perf_counter() - t0  # train_step ends in .item(), which syncs the device: the time is real
             train_time, step, trained = train_time + dt, step + 1, trained + 1
             if not math.isfinite(loss_value):
                 status, what = "diverged", f"training loss ({loss_value})"
@@ -759,16 +779,7 @@ def train_run(label, name, lr, cfg, env, data, metrics, budget, stop):
         run["status"] = status
         if master:
             save_metrics(metrics, cfg["out_dir"])
-        if master and status == "diverged":
-            kept = (f"the last good checkpoint ({path}, step {last_good}) is kept" if last_good else
-                    "none was saved before")
-            print(f"error: non-finite {what} in run {label!r} at step {step}; stopping without saving this state, "
-                  f"{kept}. Lower the learning rate, add warmup (--warmup_steps) or set --grad_clip=1.0, and "
-                  f"start over with --resume=False", file=sys.stderr)
-        elif master and status == "stopped":
-            tqdm.write(f"{label}: stopped at step {step}; " + (
-                f"checkpoint {path}; continue with --resume=True" if cfg["save_checkpoint"] else
-                "no checkpoint (--save_checkpoint=False): a rerun starts this run over"))
+            print_end(label, status, what, step, path, last_good, cfg)
         return trained, status
     finally:
         bar.close()
