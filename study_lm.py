@@ -78,7 +78,8 @@ seeds = "0,1,2"  # must be disjoint from tune_seeds
 grid_adamw = ("lr_adamw=2e-3,1e-3,1.5e-3,3e-3,4e-3;weight_decay=1,0.1,0.3,3;lr_embed=0.6,0.2,1.2;"
               "lr_head=0.008,0.004,0.016")
 grid_muon = ("lr_muon=0.0125,0.00625,0.025;weight_decay_muon+cautious_wd=0+False,0.1+False,0.1+True;"
-             "lr_embed=0.2,0.1,0.6;lr_head=0.008,0.004,0.016;normuon=0.95,0.9,0.99;ns_method=polar_express,newton_schulz")
+             "lr_embed=0.2,0.1,0.6;lr_head=0.008,0.004,0.016;normuon=0.95,0.9,0.99;"
+             "ns_method=polar_express,newton_schulz")
 n_boot = 10000
 jobs = 2  # runs at a time (each: one CPU thread, or a share of the GPU)
 device = "auto"  # passed to train_muon.py: auto | cpu | cuda
